@@ -1,0 +1,72 @@
+"""Per-run record of cross-attention maps and A&E losses: what the visualizer, tests and metrics read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+
+from .loss import subject_max_attention
+
+
+@dataclass
+class AttentionRecord:
+    """Maps of one sampling run, filled while it runs and reset at its start.
+
+    ``maps[step][layer]`` is ``(B, H, W, T)`` float16 on the CPU: cond-branch cross-attention probabilities of
+    that layer averaged over heads, recorded in the denoising pass of ``step`` (so after that step's A&E update).
+    ``losses[step]`` lists the ``(B,)`` losses of every gradient pass at that step (main pass, then refinement).
+    """
+
+    subjects: tuple[int, ...] = ()
+    labels: tuple[str, ...] = ()
+    slots: torch.Tensor | None = None
+    smooth: bool = True
+    kernel_size: int = 3
+    sigma: float = 0.5
+    num_steps: int = 0
+    guided_steps: int = 0
+    maps: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    losses: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    def reset(self, **meta) -> None:
+        self.maps = {}
+        self.losses = {}
+        for k, v in meta.items():
+            if not hasattr(self, k):
+                raise AttributeError(k)
+            setattr(self, k, v)
+
+    def add_map(self, step: int, layer: str, probs: torch.Tensor) -> None:
+        self.maps.setdefault(step, {})[layer] = probs.detach().to("cpu", torch.float16)
+
+    def add_loss(self, step: int, loss: torch.Tensor) -> None:
+        self.losses.setdefault(step, []).append(loss.detach().float().cpu())
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(self.maps)
+
+    @property
+    def layers(self) -> list[str]:
+        names: list[str] = []
+        for per_layer in self.maps.values():
+            names += [n for n in per_layer if n not in names]
+        return names
+
+    def aggregate(self, steps: Iterable[int] | None = None, layers: Sequence[str] | None = None) -> torch.Tensor:
+        """Mean ``(B, H, W, T)`` float32 map over the chosen steps and layers (all when ``None``)."""
+        steps = self.steps if steps is None else [s for s in steps if s in self.maps]
+        chosen = [self.maps[s][n].float() for s in steps for n in self.maps[s] if layers is None or n in layers]
+        if not chosen:
+            raise ValueError(f"no attention maps recorded for steps {list(steps)} and layers {layers}; recorded "
+                             f"steps {self.steps}, layers {self.layers}")
+        return torch.stack(chosen).mean(0)
+
+    def subject_maxima(self, steps: Iterable[int] | None = None, layers: Sequence[str] | None = None) -> torch.Tensor:
+        """``(B, S)`` A&E maxima ``m_s`` of the aggregated map (same processing as the loss)."""
+        if self.slots is None:
+            raise ValueError("record has no subject metadata")
+        return subject_max_attention(self.aggregate(steps, layers), self.subjects, self.slots, self.smooth,
+                                     self.kernel_size, self.sigma)

@@ -1,0 +1,255 @@
+"""The Attend-and-Excite sampler: a k-diffusion-shaped sampler function that wraps any ComfyUI sampler.
+
+During the guided steps it takes the A&E gradient step on the latent (cond-only pass through ComfyUI's own
+``calc_cond_batch``, so LoRA, ControlNet and model patches apply), then lets the wrapped sampler take one step;
+after the guided steps the wrapped sampler runs the rest of the schedule in one call.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.samplers
+from comfy.ldm.modules import attention as comfy_attention
+
+from ..attention.guidance import comfy_op_modules, loss_and_grad
+from ..attention.loss import ae_loss, slot_mask, subject_max_attention
+from ..attention.record import AttentionRecord
+from ..attention.schedule import DEFAULT_REFINEMENT, build_schedule, parse_refinement
+from ..attention.step import x_space_step
+from ..attention.tokens import SubjectTokens
+from .capture import GradCapture, LayerKey, MapRecorder, StopForward, attn2_keys, layer_name
+
+log = logging.getLogger(__name__)
+
+COND_KEY = "attend_excite"
+TOKEN_SLOT_MODES = ("auto", "all_but_bos_last", "prompt")
+
+
+@dataclass(frozen=True)
+class AEConfig:
+    """Attend-and-Excite parameters; defaults are the paper's (official code) values."""
+
+    sampler_name: str = "euler"
+    guided_fraction: float = 0.5
+    scale_factor: float = 20.0
+    scale_range: tuple[float, float] = (1.0, 0.5)
+    refinement: tuple[tuple[float, float], ...] = parse_refinement(DEFAULT_REFINEMENT)
+    max_refinement_steps: int = 20
+    smooth: bool = True
+    kernel_size: int = 3
+    sigma: float = 0.5
+    attention_resolution: int = 0  # 0 = auto: the level at latent size / 4
+    token_slots: str = "auto"
+    record_maps: bool = True
+    node: str = field(default="AttendExciteSampler", compare=False)
+
+    def validate(self) -> None:
+        if self.sampler_name not in comfy.samplers.SAMPLER_NAMES:
+            raise ValueError(f"{self.node}: unknown sampler {self.sampler_name!r}.")
+        if self.token_slots not in TOKEN_SLOT_MODES:
+            raise ValueError(f"{self.node}: token_slots must be one of {TOKEN_SLOT_MODES}.")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"{self.node}: kernel_size must be odd (the paper uses 3).")
+
+
+def _level(side: int, ds: int) -> int:
+    while ds > 1:
+        side, ds = math.ceil(side / 2), ds // 2
+    return side
+
+
+def target_resolution(latent_hw: tuple[int, int], resolution: int, node: str) -> tuple[int, int]:
+    """Map side of the attention level to use: ``auto`` (0) = latent / 4, else the level whose longer side is
+    ``resolution``."""
+    h, w = latent_hw
+    levels = [(_level(h, 2**k), _level(w, 2**k)) for k in range(7)]
+    if resolution == 0:
+        return levels[2]
+    for hw in levels:
+        if max(hw) == resolution:
+            return hw
+    raise ValueError(f"{node}: attention_resolution {resolution} does not exist for a {h}x{w} latent; levels are "
+                     f"{sorted({max(x) for x in levels}, reverse=True)}. Use one of them or 0 (auto).")
+
+
+def _control_modules(conds: list[dict]) -> list[torch.nn.Module]:
+    mods = []
+    for c in conds:
+        ctrl = c.get("control")
+        while ctrl is not None:
+            for attr in ("control_model", "t2i_model"):
+                m = getattr(ctrl, attr, None)
+                if isinstance(m, torch.nn.Module):
+                    mods.append(m)
+            ctrl = getattr(ctrl, "previous_controlnet", None)
+    return mods
+
+
+class _Run:
+    """State of one sampling run (created per call of the sampler function; nothing outlives it)."""
+
+    def __init__(self, model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict, cfg: AEConfig,
+                 record: AttentionRecord | None) -> None:
+        self.cfg = cfg
+        guider = model.inner_model
+        self.base = guider.inner_model
+        positive = [c for c in guider.conds.get("positive", []) if COND_KEY in c]
+        if not positive:
+            raise ValueError(f"{cfg.node}: the positive conditioning carries no subject tokens. Encode the prompt "
+                             f"with AttendExciteTextEncode and connect it as positive.")
+        if len(positive) > 1:
+            log.warning("%s: %d positive conds carry subjects; the first one drives the guidance", cfg.node,
+                        len(positive))
+        self.cond = positive[0]
+        self.spec: SubjectTokens = self.cond[COND_KEY]
+        mode = cfg.token_slots
+        if mode == "auto":
+            mode = "prompt" if self.spec.family == "h" else "all_but_bos_last"
+        self.slots = slot_mask(self.spec.num_keys, mode, self.spec.prompt_positions)
+        self.model_options = extra_args.get("model_options", {})
+        self.target_hw = target_resolution(tuple(x.shape[-2:]), cfg.attention_resolution, cfg.node)
+        replaced = self.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+        self.keys: list[LayerKey] = []
+        for key in attn2_keys(self.base.diffusion_model):
+            if key in replaced or key[:2] in replaced:
+                log.warning("%s: attn2 of %s is already replaced by another node; A&E leaves it alone and does "
+                            "not read its map", cfg.node, layer_name(key))
+            else:
+                self.keys.append(key)
+        self.target_keys: list[LayerKey] | None = None
+        self.modules = comfy_op_modules([self.base, *_control_modules([self.cond])])
+        self.record = record
+        self.sigmas = sigmas
+
+    def _options(self, patch_for, keys) -> dict:
+        mo = dict(self.model_options)
+        mo["transformer_options"] = dict(mo.get("transformer_options", {}))
+        for key in keys:
+            mo = comfy.model_patcher.set_model_options_patch_replace(mo, patch_for(key), "attn2", *key)
+        return mo
+
+    def recording_options(self) -> dict:
+        rec = MapRecorder(self.record, self.target_hw, self.sigmas, comfy_attention.optimized_attention)
+        return self._options(rec.patch, self.target_keys or self.keys)
+
+    def gradient_pass(self, x: torch.Tensor, sigma: torch.Tensor):
+        """Loss ``(B,)``, maxima ``(B, S)`` and ``dL/dx`` at ``x``; the first pass also finds the target layers."""
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        first = self.target_keys is None
+        keys = self.keys if first else self.target_keys
+        capture = GradCapture(self.target_hw, None if first else keys[-1], comfy_attention.optimized_attention)
+        mo = self._options(capture.patch, keys)
+        cfg = self.cfg
+
+        def forward(leaf: torch.Tensor):
+            try:
+                comfy.samplers.calc_cond_batch(self.base, [[self.cond]], leaf, sigma * leaf.new_ones(leaf.shape[0]), mo)
+            except StopForward:
+                pass
+            if not capture.maps:
+                seen = sorted({f"{h}x{w}" for h, w in capture.seen.values()})
+                raise ValueError(f"{cfg.node}: no cross-attention layer works at {self.target_hw[0]}x"
+                                 f"{self.target_hw[1]}; this model has {seen}. Set attention_resolution to one "
+                                 f"of those sides.")
+            m = subject_max_attention(capture.aggregate(), self.spec.indices, self.slots, cfg.smooth,
+                                      cfg.kernel_size, cfg.sigma)
+            return ae_loss(m), m
+
+        out = loss_and_grad(forward, x, self.modules)
+        if first:
+            self.target_keys = [k for k in keys if capture.seen.get(k) == self.target_hw]
+            log.debug("%s: A&E reads %s", cfg.node, [layer_name(k) for k in self.target_keys])
+        return out
+
+
+def _shift(callback, offset: int):
+    if callback is None:
+        return None
+    return lambda d: callback({**d, "i": d["i"] + offset})
+
+
+@torch.no_grad()
+def sample_attend_excite(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                         ae_config: AEConfig = AEConfig(), ae_record: AttentionRecord | None = None):
+    """Attend-and-Excite (Chefer et al. 2023) around the ComfyUI sampler ``ae_config.sampler_name``."""
+    extra_args = {} if extra_args is None else extra_args
+    cfg = ae_config
+    base = comfy.samplers.sampler_object(cfg.sampler_name)
+    n = len(sigmas) - 1
+    sched = build_schedule(n, cfg.guided_fraction, cfg.scale_factor, cfg.scale_range, cfg.refinement)
+    run = _Run(model, x, sigmas, extra_args, cfg, ae_record if cfg.record_maps else None)
+    if ae_record is not None:
+        ae_record.reset(subjects=run.spec.indices, labels=run.spec.labels, slots=run.slots, smooth=cfg.smooth,
+                        kernel_size=cfg.kernel_size, sigma=cfg.sigma, num_steps=n, guided_steps=sched.guided_steps)
+    ms = run.base.model_sampling
+    sigma_data = float(getattr(ms, "sigma_data", 1.0))
+    seed = extra_args.get("seed")
+    passes = 0
+
+    def args_for(i: int) -> dict:
+        ea = dict(extra_args)
+        if seed is not None and i > 0:
+            ea["seed"] = seed + i  # split calls must not replay the same ancestral noise
+        if run.record is not None:
+            ea["model_options"] = run.recording_options()
+        return ea
+
+    for i in range(sched.guided_steps):
+        sigma = sigmas[i]
+        if float(sigma) <= 0:
+            break
+        alpha = sched.step_sizes[i]
+        loss, maxima, grad = run.gradient_pass(x, sigma)
+        passes += 1
+        if ae_record is not None:
+            ae_record.add_loss(i, loss)
+        thr = sched.refinement.get(i)
+        if thr is not None:
+            target = max(0.0, 1.0 - thr)
+            running = loss > target
+            iters = 0
+            while bool(running.any()):
+                iters += 1
+                x = x_space_step(x, grad, alpha * (running & (loss != 0)).float(), sigma, sigma_data)
+                running = running & (loss > target)
+                if iters >= cfg.max_refinement_steps or not bool(running.any()):
+                    break
+                new_loss, new_max, new_grad = run.gradient_pass(x, sigma)
+                passes += 1
+                keep = running.to(new_loss.device)
+                loss = torch.where(keep, new_loss, loss)
+                grad = torch.where(keep.reshape(-1, *[1] * (grad.ndim - 1)), new_grad, grad)
+                if ae_record is not None:
+                    ae_record.add_loss(i, new_loss)
+            if iters:
+                loss, maxima, grad = run.gradient_pass(x, sigma)
+                passes += 1
+                if ae_record is not None:
+                    ae_record.add_loss(i, loss)
+                log.debug("%s: step %d refinement %d iterations, loss %s", cfg.node, i, iters, loss.tolist())
+        x = x_space_step(x, grad, alpha * (loss != 0).float(), sigma, sigma_data)
+        log.debug("%s: step %d loss %s", cfg.node, i, loss.tolist())
+        x = base.sampler_function(model, x, sigmas[i:i + 2], extra_args=args_for(i), callback=_shift(callback, i),
+                                  disable=disable, **base.extra_options)
+    start = min(sched.guided_steps, n)
+    if start < n:
+        x = base.sampler_function(model, x, sigmas[start:], extra_args=args_for(start),
+                                  callback=_shift(callback, start), disable=disable, **base.extra_options)
+    if sched.guided_steps:
+        log.info("%s: %d guided steps, %d gradient passes", cfg.node, sched.guided_steps, passes)
+    return x
+
+
+def make_sampler(cfg: AEConfig, record: AttentionRecord | None) -> comfy.samplers.KSAMPLER:
+    """A SAMPLER object for SamplerCustom / SamplerCustomAdvanced."""
+    cfg.validate()
+    inner = comfy.samplers.sampler_object(cfg.sampler_name)
+    return comfy.samplers.KSAMPLER(sample_attend_excite, extra_options={"ae_config": cfg, "ae_record": record},
+                                   inpaint_options=getattr(inner, "inpaint_options", {}))
