@@ -1,0 +1,72 @@
+"""The gradient island works under inference mode and always leaves the modules as it found them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from attention.guidance import autograd_safe_weights, comfy_op_modules, loss_and_grad
+
+
+class CastLinear(nn.Linear):
+    """A stand-in for a comfy.ops layer: casts a copy of its weights when weight functions are present."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.weight_function: list = []
+        self.bias_function: list = []
+
+    def forward(self, x):
+        if self.weight_function or self.bias_function:
+            w = self.weight.to(x.dtype, copy=True)
+            b = self.bias.to(x.dtype, copy=True)
+            for f in self.weight_function:
+                w = f(w)
+            for f in self.bias_function:
+                b = f(b)
+            return nn.functional.linear(x, w, b)
+        return super().forward(x)
+
+
+def _model():
+    torch.manual_seed(0)
+    with torch.inference_mode():  # weights created like ComfyUI's loader does: inference tensors
+        m = nn.Sequential(CastLinear(3, 4), nn.Tanh(), CastLinear(4, 1))
+    return m
+
+
+def test_gradient_under_inference_mode_matches_plain_autograd():
+    m = _model()
+    with torch.inference_mode():
+        x = torch.randn(2, 3)
+        assert x.is_inference()
+        loss, extra, grad = loss_and_grad(lambda leaf: (m(leaf).squeeze(-1), leaf.sum(-1, keepdim=True)), x,
+                                          comfy_op_modules([m]))
+    ref_m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    ref_m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()})
+    xr = x.clone().requires_grad_(True)
+    (gr,) = torch.autograd.grad(ref_m(xr).sum(), xr)
+    assert torch.allclose(grad, gr, atol=1e-6)
+    assert loss.shape == (2,) and extra.shape == (2, 1)
+    assert all(len(mod.weight_function) == 0 for mod in comfy_op_modules([m]))
+
+
+def test_without_the_weight_trick_autograd_fails_on_inference_weights():
+    m = _model()
+    with torch.inference_mode():
+        x = torch.randn(2, 3)
+        with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
+            loss_and_grad(lambda leaf: (m(leaf).squeeze(-1), leaf), x, ())
+
+
+def test_weight_functions_are_removed_even_on_error_and_others_kept():
+    m = _model()
+    other = object()
+    m[0].weight_function.append(other)
+    with pytest.raises(KeyboardInterrupt):
+        with autograd_safe_weights(comfy_op_modules([m])):
+            assert len(m[0].weight_function) == 2 and len(m[2].bias_function) == 1
+            raise KeyboardInterrupt
+    assert m[0].weight_function == [other]
+    assert m[0].bias_function == [] and m[2].weight_function == [] and m[2].bias_function == []
