@@ -1,0 +1,184 @@
+"""The A&E sampler in the real ComfyUI host, in-process, on the tiny random-weight SD1.5 checkpoint.
+
+Every node call runs under ``torch.inference_mode()`` as ComfyUI's executor does, with weights that the
+checkpoint loader created. 256 px images (32x32 latents): the auto attention level is then 8x8 (latent / 4).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.host, pytest.mark.slow]
+
+AE_DEFAULTS = dict(scale_factor=20.0, guided_fraction=0.5, scale_start=1.0, scale_end=0.5,
+                   refinement="0:0.05, 0.2:0.5, 0.4:0.8", max_refinement_steps=4, smoothing=True, kernel_size=3,
+                   smoothing_sigma=0.5, attention_resolution=0, token_slots="auto", record_maps=True)
+PROMPT, SUBJECTS = "a photo of a cat and a frog", "cat, frog"
+
+
+@pytest.fixture(scope="module")
+def host(comfy_inprocess, tiny_checkpoint):
+    import sys
+
+    import comfy_inprocess as ci
+
+    ci.load_pack()
+    pack = sys.modules["comfyui_attend_excite"]
+    from comfyui_attend_excite.nodes.encode import encode_subjects
+
+    model, clip, vae = comfy_inprocess.load_checkpoint(tiny_checkpoint)
+    with torch.inference_mode():
+        pos, table, spec = encode_subjects(clip, PROMPT, SUBJECTS)
+        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    return dict(pack=pack, model=model, clip=clip, vae=vae, pos=pos, neg=neg, spec=spec, table=table)
+
+
+def ksample(host, seed=3, steps=8, latent=None, positive=None, model=None, **ae):
+    from comfyui_attend_excite.nodes.samplers import AttendExciteKSampler
+
+    params = {**AE_DEFAULTS, **ae}
+    latent = latent or {"samples": torch.zeros(1, 4, 32, 32)}
+    with torch.inference_mode():
+        out = AttendExciteKSampler.execute(model or host["model"], seed, steps, 5.0, "euler", "normal",
+                                           positive or host["pos"], host["neg"], latent, 1.0, **params)
+    lat, record = out.args
+    return lat["samples"], record
+
+
+def min_subject_attention(record, step):
+    return record.subject_maxima([step]).min(dim=-1).values
+
+
+def test_encode_equals_cliptextencode_and_carries_subjects(host):
+    import nodes as comfy_nodes
+
+    with torch.inference_mode():
+        (ref,) = comfy_nodes.CLIPTextEncode().encode(host["clip"], PROMPT)
+    assert torch.equal(ref[0][0], host["pos"][0][0])
+    assert host["pos"][0][1]["attend_excite"].indices == (5, 8)
+    assert "5: cat</w>   <- excited" in host["table"]
+
+
+def test_ae_raises_the_weakest_subjects_attention(host):
+    _, plain = ksample(host, scale_factor=0.0)
+    _, ae = ksample(host)
+    last_guided = ae.guided_steps - 1
+    assert ae.guided_steps == 4 and plain.guided_steps == 0
+    p, a = min_subject_attention(plain, last_guided), min_subject_attention(ae, last_guided)
+    assert (a > p).all(), (p.tolist(), a.tolist())
+    # the loss was computed at every guided step and nowhere after
+    assert sorted(ae.losses) == [0, 1, 2, 3]
+
+
+def test_loss_falls_within_a_refinement_loop(host):
+    _, rec = ksample(host, steps=8, max_refinement_steps=6, refinement="0:0.9")
+    losses = [float(x[0]) for x in rec.losses[0]]
+    assert len(losses) >= 3  # main pass, refinement passes, final recompute
+    assert losses[-1] < losses[0]
+    assert all(b <= a + 1e-6 for a, b in zip(losses, losses[1:])), losses
+
+
+def test_plain_mode_is_bit_identical_to_ksampler(host):
+    import nodes as comfy_nodes
+
+    samples, rec = ksample(host, scale_factor=0.0, seed=11, steps=4)
+    with torch.inference_mode():
+        (ref,) = comfy_nodes.common_ksampler(host["model"], 11, 4, 5.0, "euler", "normal", host["pos"],
+                                             host["neg"], {"samples": torch.zeros(1, 4, 32, 32)})
+    assert torch.equal(samples, ref["samples"])
+    assert rec.steps == [0, 1, 2, 3] and not rec.losses  # maps recorded, no gradient pass
+
+
+def test_identical_runs_are_bit_identical(host):
+    a, _ = ksample(host, seed=5, steps=4)
+    b, _ = ksample(host, seed=5, steps=4)
+    assert torch.equal(a, b)
+
+
+def _weights_fingerprint(model):
+    return [(k, float(v.float().sum()), tuple(v.shape)) for k, v in model.model.state_dict().items()]
+
+
+def test_input_model_is_left_as_found(host):
+    from attention.guidance import comfy_op_modules
+
+    model = host["model"]
+    options = copy.deepcopy(model.model_options)
+    before = _weights_fingerprint(model)
+    patches_uuid = model.patches_uuid
+    ksample(host, steps=4)
+    assert model.model_options == options
+    assert model.patches_uuid == patches_uuid
+    assert _weights_fingerprint(model) == before
+    mods = comfy_op_modules([model.model])
+    assert mods and all(not m.weight_function and not m.bias_function for m in mods)
+    assert not any(p.requires_grad and p.grad is not None for p in model.model.parameters())
+
+
+def test_batch_of_two_gets_per_sample_losses(host):
+    samples, rec = ksample(host, steps=4, latent={"samples": torch.zeros(2, 4, 32, 32)}, refinement="")
+    assert samples.shape == (2, 4, 32, 32)
+    assert all(loss.shape == (2,) for step in rec.losses.values() for loss in step)
+    assert rec.subject_maxima([0]).shape == (2, 2)
+
+
+def test_interrupt_inside_refinement_cleans_up(host):
+    import comfy.model_management as mm
+
+    from attention.guidance import comfy_op_modules
+
+    model = host["model"]
+    calls = {"n": 0}
+
+
+    mm.interrupt_current_processing(False)
+    original = mm.throw_exception_if_processing_interrupted
+    with pytest.raises(mm.InterruptProcessingException):
+        def flag_then_check():
+            calls["n"] += 1
+            if calls["n"] == 3:
+                mm.interrupt_current_processing(True)
+            original()
+
+        mm.throw_exception_if_processing_interrupted = flag_then_check
+        try:
+            ksample(host, steps=4, refinement="0:0.99", max_refinement_steps=10)
+        finally:
+            mm.throw_exception_if_processing_interrupted = original
+    assert calls["n"] == 3
+    mods = comfy_op_modules([model.model])
+    assert all(not m.weight_function and not m.bias_function for m in mods)
+    # and the next run works
+    samples, _ = ksample(host, steps=2, refinement="")
+    assert torch.isfinite(samples).all()
+
+
+def test_clear_errors(host):
+    import nodes as comfy_nodes
+
+    with torch.inference_mode():
+        (plain_pos,) = comfy_nodes.CLIPTextEncode().encode(host["clip"], PROMPT)
+    with pytest.raises(ValueError, match="AttendExciteTextEncode"):
+        ksample(host, steps=2, positive=plain_pos)
+    with pytest.raises(ValueError, match="attention_resolution 5 does not exist"):
+        ksample(host, steps=2, attention_resolution=5)
+    with pytest.raises(ValueError, match="refinement entry"):
+        ksample(host, steps=2, refinement="zero:one")
+
+
+def test_visualizer_renders_one_row_per_image(host):
+    from comfyui_attend_excite.nodes.visualize import render
+
+    samples, rec = ksample(host, steps=4, refinement="")
+    with torch.inference_mode():
+        images = host["vae"].decode(samples)
+        strip = render(rec, images, 0.0, 0.5, "all", 0.5)
+        one_layer = render(rec, images, 0.0, 1.0, rec.layers[0], 0.5)
+    h, w = images.shape[1:3]
+    assert strip.shape == (1, h, 3 * w, 3) and one_layer.shape == strip.shape
+    assert 0.0 <= float(strip.min()) and float(strip.max()) <= 1.0
+    with pytest.raises(ValueError, match="unknown layers"):
+        render(rec, images, 0.0, 0.5, "nope.1.0", 0.5)
