@@ -8,7 +8,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3.11}"
 VENV="$ROOT/.venv"
 COMFY="$ROOT/.comfyui"
-STAMP="$VENV/.ae-bootstrap-v1"
+STAMP="$VENV/.ae-bootstrap-v2"
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
