@@ -10,7 +10,7 @@ duck-typed, so this runs without ComfyUI.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -32,7 +32,8 @@ def comfy_op_modules(roots: Iterable[nn.Module]) -> list[nn.Module]:
     seen: dict[int, nn.Module] = {}
     for root in roots:
         for m in root.modules():
-            if isinstance(getattr(m, "weight_function", None), list) and isinstance(getattr(m, "bias_function", None), list):
+            wf, bf = getattr(m, "weight_function", None), getattr(m, "bias_function", None)
+            if isinstance(wf, list) and isinstance(bf, list):
                 seen.setdefault(id(m), m)
     return list(seen.values())
 

@@ -5,7 +5,7 @@ Shapes: ``B`` batch, ``H, W`` attention resolution, ``T`` key slots (77 per CLIP
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -8,8 +8,8 @@ points are fractions of the schedule (50 %; 0 %, 20 %, 40 %), which gives exactl
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 DEFAULT_REFINEMENT = "0:0.05, 0.2:0.5, 0.4:0.8"
 

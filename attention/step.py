@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 
-def x_space_step(x: torch.Tensor, grad_x: torch.Tensor, alpha: torch.Tensor | float, sigma: torch.Tensor,
-                 sigma_data: float = 1.0) -> torch.Tensor:
+def x_space_step(x: torch.Tensor, grad_x: torch.Tensor, alpha: torch.Tensor | float,
+                 sigma: torch.Tensor, sigma_data: float = 1.0) -> torch.Tensor:
     """``x <- x - alpha (sigma^2 + sigma_data^2) grad_x L``.
 
     ComfyUI samples ``x = z sqrt(sigma^2 + sigma_data^2)`` while the paper steps the VP latent ``z``
-    (``z <- z - alpha grad_z L``). Since ``grad_x L = grad_z L / sqrt(sigma^2 + sigma_data^2)``, the z-step is the x-step
-    above exactly (sigma_data = 1 for SD1/SD2/SDXL).
+    (``z <- z - alpha grad_z L``). Since ``grad_x L = grad_z L / sqrt(sigma^2 + sigma_data^2)``, the z-step is the
+    x-step above exactly (sigma_data = 1 for SD1/SD2/SDXL).
 
     Args:
         x, grad_x: ``(B, C, H, W)``.

@@ -8,8 +8,8 @@ positions (the tokenizer strips the syntax), so words are found by their BPE id 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 CHUNK = 77
 _WEIGHT = re.compile(r"^\((.*?)(?::\s*[-+]?\d*\.?\d+)?\)$")
@@ -33,7 +33,8 @@ class Token:
     text: str
 
 
-def prompt_tokens(chunks: Sequence[Sequence[tuple]], special_ids: set[int], decode: Callable[[int], str]) -> list[Token]:
+def prompt_tokens(chunks: Sequence[Sequence[tuple]], special_ids: set[int],
+                  decode: Callable[[int], str]) -> list[Token]:
     """Real prompt tokens (start, end and padding removed) of ComfyUI tokenizer output ``[[(token, weight, ...)]]``.
 
     Padding is recognised as everything after a chunk's first end token, so tokenizers that pad with the end

@@ -12,7 +12,7 @@ Two patch kinds:
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

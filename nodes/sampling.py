@@ -11,11 +11,10 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-import torch
-
 import comfy.model_management
 import comfy.model_patcher
 import comfy.samplers
+import torch
 from comfy.ldm.modules import attention as comfy_attention
 
 from ..attention.guidance import comfy_op_modules, loss_and_grad

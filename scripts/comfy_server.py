@@ -241,7 +241,8 @@ class ComfyServer:
             detail = err.read().decode(errors="replace")
             try:
                 parsed = json.loads(detail)
-                detail = f"error={json.dumps(parsed.get('error'))}\nnode_errors={json.dumps(parsed.get('node_errors'), indent=1)}"
+                errors = json.dumps(parsed.get("node_errors"), indent=1)
+                detail = f"error={json.dumps(parsed.get('error'))}\nnode_errors={errors}"
             except json.JSONDecodeError:
                 pass
             raise ComfyError(f"POST /prompt failed with HTTP {err.code}: {detail}") from None

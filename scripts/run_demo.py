@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             prompt = build_prompt(server, args.workflow, name, args.steps, args.size, args.seed)
             history = server.run(prompt, timeout=args.timeout)
             written = []
-            for node_id, output in sorted(history.get("outputs", {}).items()):
+            for _node_id, output in sorted(history.get("outputs", {}).items()):
                 for ref in output.get("images", []):
                     path = out / ref.get("subfolder", "") / ref["filename"]
                     if not path.is_file():  # a server with its own output folder: fetch over HTTP
