@@ -7,7 +7,6 @@ from comfy_api.latest import ComfyExtension, io
 from .nodes import NODES
 
 
-
 class AttendExciteExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return list(NODES)

@@ -41,7 +41,7 @@ def run(mode: str, device: str, steps: int) -> dict:
     dev = torch.device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     variant = "full" if dev.type == "cuda" else "tiny"
-    sd, _ = bench.random_state_dict("sd15", variant, dev, dtype, 0)
+    sd = bench.random_state_dict("sd15", variant, dev, dtype, 0)
     with torch.inference_mode():
         model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
     del sd

@@ -1,0 +1,820 @@
+#!/usr/bin/env python3
+"""Speed and memory of Attend-and-Excite sampling in ComfyUI, against plain sampling and diffusers' A&E pipeline.
+
+One process sets ComfyUI up in-process, builds random-weight UNets with ComfyUI's own ``UNetModel`` (real SD1.5 /
+SDXL layouts on CUDA, tiny ones on the CPU), loads them with ``comfy.sd.load_diffusion_model_state_dict`` and
+times ``comfy.sample.sample_custom`` inside ``torch.inference_mode()`` (as ComfyUI's executor runs nodes) in three
+modes per architecture and batch size:
+
+- ``plain``: the built-in euler sampler;
+- ``ae_no_refine``: this pack's A&E sampler without iterative refinement;
+- ``ae_refine_cap``: with the default refinement thresholds. Random weights never reach them, so every refinement
+  step runs to its iteration cap: the worst case (50 steps: 25 guided passes + 3 x 20 refinement passes).
+
+With ``--diffusers`` (sd15 only) the same weights also run through diffusers' ``StableDiffusionPipeline`` and
+``StableDiffusionAttendAndExcitePipeline`` via ``benchmarks/diffusers_bridge.py``.
+
+Output: one JSON object per measurement on stdout, then a Markdown table (``--out``/``--markdown`` write them to
+files as well, after every measurement, so a run cut short keeps what it measured). Everything else goes to
+stderr through ``logging``.
+
+Examples::
+
+    python benchmarks/bench.py --device cpu --arch sd15,sdxl --batch 1 --steps 6 --repeats 1
+    python benchmarks/bench.py --device cuda --arch sd15 --batch 1,4 --steps 50 --repeats 3 --diffusers \\
+        --out results.jsonl --markdown table.md
+    python benchmarks/bench.py --table-from results.jsonl --markdown table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib
+import importlib.machinery
+import importlib.util
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+REPO = Path(__file__).resolve().parent.parent
+PACK = "comfyui_attend_excite"
+GIB = 1024**3
+MODES = ("plain", "ae_no_refine", "ae_refine_cap")
+CFG_SCALE = 7.5
+SUBJECT_INDICES = (2, 5)
+PROMPT_POSITIONS = tuple(range(1, 7))
+NUM_KEYS = 77
+
+log = logging.getLogger("ae_bench")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        items = [kind(s.strip()) for s in text.split(",") if s.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("empty list")
+        return items
+
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--arch", type=_csv(str), default=["sd15"], help="comma list of sd15, sdxl")
+    p.add_argument("--batch", type=_csv(int), default=[1], help="comma list of batch sizes")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
+    p.add_argument("--warmup-steps", type=int, default=0,
+                   help="steps of the untimed warm-up run per measurement (0 = same as --steps)")
+    p.add_argument("--size", default="auto",
+                   help="image side in pixels (latent = size / 8); auto: sd15 512 and sdxl 1024 on CUDA, 128 on CPU")
+    p.add_argument("--model", choices=("auto", "full", "tiny"), default="auto",
+                   help="UNet layout: full = the real architecture, tiny = a small one of the same family; "
+                        "auto = full on CUDA, tiny on CPU")
+    p.add_argument("--modes", type=_csv(str), default=list(MODES), help=f"comma list of {', '.join(MODES)}")
+    p.add_argument("--diffusers", action="store_true", help="also time diffusers' pipelines (sd15 only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0 = torch's default); fewer than the cores helps on a busy machine")
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="start no new measurement (and no new repeat) after this many seconds; 0 = no limit")
+    p.add_argument("--out", type=Path, help="write the JSON lines here too")
+    p.add_argument("--append", action="store_true", help="append to --out instead of overwriting it")
+    p.add_argument("--markdown", type=Path, help="write the Markdown table here too")
+    p.add_argument("--table-from", type=Path, help="only turn an existing JSONL file into the Markdown table")
+    p.add_argument("--comfy-root", help="ComfyUI source folder (default: $COMFYUI_ROOT, else <repo>/.comfyui)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, including the pack's own")
+    args = p.parse_args(argv)
+    for arch in args.arch:
+        if arch not in ARCHS:
+            p.error(f"unknown --arch {arch!r}; choose from {', '.join(ARCHS)}")
+    for mode in args.modes:
+        if mode not in MODES:
+            p.error(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if args.size != "auto" and (not args.size.isdigit() or int(args.size) % 8):
+        p.error("--size must be 'auto' or a pixel size divisible by 8")
+    if args.steps < 1 or args.repeats < 1 or min(args.batch) < 1:
+        p.error("--steps, --repeats and --batch must be positive")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# architectures (ComfyUI UNetModel keyword arguments)
+
+_COMMON = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320, "use_checkpoint": False,
+           "use_spatial_transformer": True, "legacy": False, "use_temporal_attention": False,
+           "use_temporal_resblock": False}
+
+ARCHS: dict[str, dict[str, Any]] = {
+    "sd15": {
+        "context_dim": 768,
+        "pooled": False,
+        "auto_size": {"cuda": 512, "cpu": 128},
+        "base": {**_COMMON, "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
+                 "use_linear_in_transformer": False, "adm_in_channels": None},
+        # the real SD1.5 UNet (859.5 M parameters)
+        "full": {"channel_mult": [1, 2, 4, 4], "num_res_blocks": [2, 2, 2, 2],
+                 "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
+                 "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]},
+        # same family (detected as SD15), one res block and width 320 at every level
+        "tiny": {"channel_mult": [1, 1, 1, 1], "num_res_blocks": [1, 1, 1, 1],
+                 "transformer_depth": [1, 1, 1, 0], "transformer_depth_middle": 1,
+                 "transformer_depth_output": [1, 1, 1, 1, 1, 1, 0, 0]},
+    },
+    "sdxl": {
+        "context_dim": 2048,
+        "pooled": True,
+        "auto_size": {"cuda": 1024, "cpu": 128},
+        "base": {**_COMMON, "context_dim": 2048, "num_heads": -1, "num_head_channels": 64,
+                 "use_linear_in_transformer": True, "adm_in_channels": 2816, "num_classes": "sequential"},
+        # the real SDXL base UNet (2.57 B parameters)
+        "full": {"channel_mult": [1, 2, 4], "num_res_blocks": [2, 2, 2],
+                 "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
+                 "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]},
+        # Segmind-Vega depths at width 320 everywhere (detected as an SDXL-family model)
+        "tiny": {"channel_mult": [1, 1, 1], "num_res_blocks": [2, 2, 2],
+                 "transformer_depth": [0, 0, 1, 1, 2, 2], "transformer_depth_middle": -1,
+                 "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2]},
+    },
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# output
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "_no measurements_\n"
+    head = rows[0]
+    lines = [f"Device: {head.get('device_name')}; torch {head.get('torch')}; commit {head.get('commit')}; "
+             f"weights {head.get('dtype')}; peak = {head.get('peak_kind')}", ""]
+    cols = ["system", "arch", "model", "batch", "size", "steps", "mode", "median s", "× plain", "grad passes",
+            "extra s / pass", "peak GiB", "÷ diffusers"]
+    lines.append("| " + " | ".join(cols) + " |")
+    lines.append("|" + "|".join("---" for _ in cols) + "|")
+    for r in rows:
+        ratio_d = r.get("ratio_ours_to_diffusers")
+        lines.append("| " + " | ".join([
+            str(r.get("system")), str(r.get("arch")), str(r.get("model")), str(r.get("batch")),
+            f"{r.get('size')}²", str(r.get("steps")), str(r.get("mode")), _fmt(r.get("median_s"), 3),
+            _fmt(r.get("ratio_to_plain")), _fmt(r.get("grad_passes")), _fmt(r.get("extra_s_per_pass"), 4),
+            _fmt(r.get("peak_gib")), _fmt(ratio_d),
+        ]) + " |")
+    lines.append("")
+    lines.append("`÷ diffusers` (diffusers rows): this pack's median ÷ diffusers' median for the same mode and batch. "
+                 "`grad passes`: latent-gradient computations per run; `extra s / pass`: (median − plain) ÷ passes.")
+    return "\n".join(lines) + "\n"
+
+
+class Emitter:
+    """Writes each measurement as it is made: stdout, the JSONL file and a rewritten Markdown file."""
+
+    def __init__(self, stream: TextIO, out: Path | None, markdown: Path | None, append: bool) -> None:
+        self.stream = stream
+        self.rows: list[dict] = []
+        self.markdown = markdown
+        self.out = None
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.out = open(out, "a" if append else "w", encoding="utf-8")
+
+    def emit(self, row: dict) -> None:
+        line = json.dumps(row, sort_keys=False)
+        self.stream.write(line + "\n")
+        self.stream.flush()
+        if self.out is not None:
+            self.out.write(line + "\n")
+            self.out.flush()
+        self.rows.append(row)
+        self._write_markdown()
+
+    def _write_markdown(self) -> None:
+        if self.markdown is not None:
+            self.markdown.parent.mkdir(parents=True, exist_ok=True)
+            self.markdown.write_text(markdown_table(self.rows), encoding="utf-8")
+
+    def finish(self) -> None:
+        self.stream.write("\n" + markdown_table(self.rows))
+        self.stream.flush()
+        self._write_markdown()
+        if self.out is not None:
+            self.out.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# environment
+
+
+def git_commit() -> tuple[str | None, bool | None]:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10,
+                             check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                    capture_output=True, text=True, timeout=10, check=True).stdout.strip())
+        return sha or None, dirty
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("BENCH_COMMIT") or None, None
+
+
+def register_bare_packages() -> None:
+    """Make ``comfyui_attend_excite`` importable without running the root or ``nodes`` ``__init__.py``.
+
+    Those import ``comfy_api.latest`` (which needs PyAV); the sampler modules do not.
+    """
+    for name, path in ((PACK, REPO), (f"{PACK}.nodes", REPO / "nodes")):
+        if name not in sys.modules:
+            mod = types.ModuleType(name)
+            mod.__path__ = [str(path)]
+            mod.__package__ = name
+            sys.modules[name] = mod
+
+
+@contextlib.contextmanager
+def torchvision_stand_in():
+    """ComfyUI imports ``torchvision`` at top level (``comfy/sd.py`` -> Stable Cascade's coder) but SD1.x/SDXL never
+    use it. Where it is not installed, an empty stand-in is registered while ComfyUI is imported and removed again
+    afterwards, so that transformers/diffusers still see torchvision as absent."""
+    if importlib.util.find_spec("torchvision") is not None:
+        yield
+        return
+    log.warning("torchvision is not installed: an empty stand-in serves ComfyUI's import (SD1.5/SDXL do not use it)")
+    names = ("torchvision", "torchvision.transforms", "torchvision.models")
+    for name in names:
+        mod = types.ModuleType(name)
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        mod.__path__ = []
+        sys.modules[name] = mod
+    sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+    sys.modules["torchvision"].models = sys.modules["torchvision.models"]
+    try:
+        yield
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+        iu = sys.modules.get("transformers.utils.import_utils")
+        for fn in ("is_torchvision_available", "is_torchvision_v2_available"):
+            clear = getattr(getattr(iu, fn, None), "cache_clear", None)
+            if clear is not None:
+                clear()
+
+
+def setup_comfy(comfy_root: str | None, cpu: bool) -> None:
+    register_bare_packages()
+    inprocess = importlib.import_module(f"{PACK}.scripts.comfy_inprocess")
+    inprocess.setup(comfy_root, cpu=cpu)
+    with torchvision_stand_in():
+        for name in ("comfy.model_management", "comfy.sd", "comfy.samplers", "comfy.sample"):
+            importlib.import_module(name)
+
+
+def import_pack() -> types.SimpleNamespace:
+    return types.SimpleNamespace(
+        sampling=importlib.import_module(f"{PACK}.nodes.sampling"),
+        tokens=importlib.import_module(f"{PACK}.attention.tokens"),
+        record=importlib.import_module(f"{PACK}.attention.record"),
+        schedule=importlib.import_module(f"{PACK}.attention.schedule"),
+    )
+
+
+def load_bridge():
+    """``benchmarks/diffusers_bridge.py`` as a module, or ``None`` (with the reason logged)."""
+    if importlib.util.find_spec("diffusers") is None:
+        log.warning("--diffusers: diffusers is not importable; skipping the diffusers comparison")
+        return None
+    if not (REPO / "benchmarks" / "diffusers_bridge.py").is_file():
+        log.warning("--diffusers: benchmarks/diffusers_bridge.py is missing; skipping the diffusers comparison")
+        return None
+    try:
+        return importlib.import_module(f"{PACK}.benchmarks.diffusers_bridge")
+    except ImportError:
+        log.exception("--diffusers: could not import benchmarks/diffusers_bridge.py; skipping")
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# measurement helpers
+
+
+class PeakMemory:
+    """CUDA: ``max_memory_allocated``. CPU: the process's resident-set high-water mark (VmHWM), reset per
+    measurement through ``/proc/self/clear_refs`` where Linux allows it; ``None`` elsewhere."""
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.torch = torch
+        self.cuda = device.type == "cuda"
+        self.kind: str | None = "cuda_max_memory_allocated" if self.cuda else None
+        if not self.cuda and self._hwm_kib() is not None:
+            self.kind = "process_rss_peak" if self._clear() else "process_rss_peak_since_start"
+
+    @staticmethod
+    def _hwm_kib() -> int | None:
+        try:
+            with open("/proc/self/status", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            return None
+        return None
+
+    @staticmethod
+    def _clear() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def reset(self) -> None:
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats()
+        elif self.kind == "process_rss_peak":
+            self._clear()
+
+    def read(self) -> float | None:
+        if self.cuda:
+            return self.torch.cuda.max_memory_allocated() / GIB
+        kib = self._hwm_kib() if self.kind else None
+        return None if kib is None else kib * 1024 / GIB
+
+
+class GradForwardCounter:
+    """Counts calls of ``module`` made with autograd enabled (forward pre-hook)."""
+
+    def __init__(self, module) -> None:
+        import torch
+
+        self.count = 0
+        self._torch = torch
+        self._handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _module, _args) -> None:
+        if self._torch.is_grad_enabled():
+            self.count += 1
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+class Deadline:
+    def __init__(self, budget_s: float) -> None:
+        self.end = time.monotonic() + budget_s if budget_s > 0 else None
+
+    def passed(self) -> bool:
+        return self.end is not None and time.monotonic() > self.end
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def timed_runs(run: Callable[[], Any], repeats: int, device, peak: PeakMemory,
+               deadline: Deadline) -> tuple[list[float], float | None, Any]:
+    """``repeats`` timed calls of ``run`` (fewer if the deadline passes after the first): times, peak, last output."""
+    times: list[float] = []
+    peaks: list[float] = []
+    out = None
+    for r in range(repeats):
+        if r and deadline.passed():
+            log.warning("budget exhausted: %d of %d repeats done", r, repeats)
+            break
+        gc.collect()  # not torch.cuda.empty_cache(): re-allocating the cache would be timed too
+        peak.reset()
+        sync(device)
+        t0 = time.perf_counter()
+        out = run()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        p = peak.read()
+        if p is not None:
+            peaks.append(p)
+    return times, (max(peaks) if peaks else None), out
+
+
+def random_state_dict(arch: str, variant: str, device, dtype, seed: int) -> dict:
+    """UNet state dict of ComfyUI's ``UNetModel`` for ``arch``/``variant`` with deterministic random weights.
+
+    Biases 0, 1-D weights (norm scales) 1, every other weight ``N(0, std)`` with ``std = min(0.02, fan_in^-1/2)``:
+    small enough for fp16 activations. The layout comes from a ``UNetModel`` built on the meta device.
+    """
+    import comfy.ops
+    import torch
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    spec = ARCHS[arch]
+    config = {**spec["base"], **spec[variant]}
+    meta = UNetModel(**config, dtype=dtype, device="meta", operations=comfy.ops.disable_weight_init)
+    shapes = {k: (tuple(v.shape), v.dtype) for k, v in meta.state_dict().items()}
+    del meta
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sd = {}
+    for key, (shape, dt) in shapes.items():
+        if not dt.is_floating_point:
+            sd[key] = torch.zeros(shape, dtype=dt, device=device)
+            continue
+        t = torch.empty(shape, dtype=dtype, device=device)
+        if key.endswith("bias"):
+            t.zero_()
+        elif len(shape) <= 1:
+            t.fill_(1.0)
+        else:
+            fan_in = math.prod(shape[1:])
+            t.normal_(0.0, min(0.02, fan_in**-0.5), generator=gen)
+        sd[key] = t
+    return sd
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the benchmark
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, emitter: Emitter) -> None:
+        import torch
+
+        self.args = args
+        self.emitter = emitter
+        self.torch = torch
+        self.device = torch.device("cuda" if args.device == "cuda" else "cpu")
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.pack = import_pack()
+        self.peak = PeakMemory(self.device)
+        self.deadline = Deadline(args.budget_s)
+        commit, dirty = git_commit()
+        try:
+            import comfyui_version
+
+            comfy_version = comfyui_version.__version__
+        except ImportError:
+            comfy_version = None
+        if self.device.type == "cuda":
+            device_name = torch.cuda.get_device_name(self.device)
+        else:
+            device_name = f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+        self.meta = {"device_name": device_name, "torch": torch.__version__, "commit": commit, "dirty": dirty,
+                     "comfyui": comfy_version, "device": self.device.type, "dtype": str(self.dtype).split(".")[-1],
+                     "peak_kind": self.peak.kind}
+        self.ours: dict[tuple, float] = {}  # (arch, batch, mode) -> median of this pack / ComfyUI
+        self.failed = False
+
+    # ---- rows ----
+
+    def row(self, system: str, arch: str, batch: int, mode: str, times: list[float], peak_gib: float | None,
+            plain: float | None, passes: int | None, **extra) -> dict:
+        median = statistics.median(times)
+        row = {"system": system, "arch": arch, "batch": batch, "steps": self.args.steps, "mode": mode,
+               "median_s": round(median, 5), "times_s": [round(t, 5) for t in times],
+               "peak_gib": None if peak_gib is None else round(peak_gib, 4),
+               "ratio_to_plain": round(median / plain, 4) if plain else (1.0 if mode == "plain" else None),
+               "grad_passes": passes,
+               "extra_s_per_pass": round((median - plain) / passes, 6) if plain and passes else None}
+        row.update(extra)
+        row.update({k: self.meta[k] for k in ("device_name", "torch", "commit")})
+        row.update({k: v for k, v in self.meta.items() if k not in row})
+        return row
+
+    # ---- ComfyUI ----
+
+    def run_arch(self, arch: str) -> None:
+        import comfy.model_management
+        import comfy.samplers
+        import comfy.sd
+
+        torch = self.torch
+        args = self.args
+        spec = ARCHS[arch]
+        variant = args.model if args.model != "auto" else ("full" if self.device.type == "cuda" else "tiny")
+        size = spec["auto_size"][self.device.type] if args.size == "auto" else int(args.size)
+        side = size // 8
+        t0 = time.perf_counter()
+        sd = random_state_dict(arch, variant, self.device, self.dtype, args.seed)
+        with torch.inference_mode():  # the loader node runs in inference mode too: weights are inference tensors
+            model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": self.dtype})
+        del sd
+        free_memory(self.device)
+        if model is None:
+            raise RuntimeError(f"ComfyUI did not recognise the random {arch}/{variant} UNet")
+        model_class = type(model.model.model_config).__name__
+        params = sum(p.numel() for p in model.model.diffusion_model.parameters())
+        log.info("%s/%s: ComfyUI model %s, %.1f M parameters, %s, latent %dx%d (built in %.1f s)", arch, variant,
+                 model_class, params / 1e6, self.meta["dtype"], side, side, time.perf_counter() - t0)
+        info = {"model": variant, "model_class": model_class, "unet_params_m": round(params / 1e6, 1),
+                "size": size, "latent": side, "sampler": "euler/normal"}
+        sampling = self.pack.sampling
+        target = sampling.target_resolution((side, side), 0, "bench")
+        ms = model.get_model_object("model_sampling")
+        sigmas = comfy.samplers.calculate_sigmas(ms, "normal", args.steps).cpu()
+        warm_steps = args.warmup_steps or args.steps
+        warm_sigmas = comfy.samplers.calculate_sigmas(ms, "normal", warm_steps).cpu()
+        sched = self.pack.schedule.build_schedule(args.steps)
+        cap = cap_passes(sched, sampling.AEConfig())
+
+        for batch in args.batch:
+            with torch.inference_mode():
+                pos, neg, latent, noise = self.comfy_inputs(arch, batch, side)
+            plain_median = None
+            for mode in [m for m in MODES if m in args.modes]:
+                if self.deadline.passed():
+                    log.warning("budget exhausted: skipping comfyui %s batch %d %s", arch, batch, mode)
+                    continue
+                try:
+                    median = self.measure_comfy(model, arch, batch, mode, (pos, neg, latent, noise), sigmas,
+                                                warm_sigmas, plain_median, info, target, cap)
+                except Exception:  # noqa: BLE001 - report it (the sampler is under development), go on
+                    log.exception("comfyui %s batch %d %s failed", arch, batch, mode)
+                    self.failed = True
+                    continue
+                if mode == "plain":
+                    plain_median = median
+                free_memory(self.device)
+
+        if args.diffusers:
+            if arch != "sd15":
+                log.info("--diffusers: %s skipped (the diffusers A&E pipeline is SD1.x/SD2.x only)", arch)
+            elif not self.deadline.passed():
+                comfy.model_management.unload_all_models()
+                free_memory(self.device)
+                self.run_diffusers(arch, model, info, size, side, target, sched)
+        del model
+        comfy.model_management.unload_all_models()
+        comfy.model_management.soft_empty_cache()
+        free_memory(self.device)
+
+    def measure_comfy(self, model, arch: str, batch: int, mode: str, inputs: tuple, sigmas, warm_sigmas,
+                      plain_median: float | None, info: dict, target: tuple[int, int], cap: int) -> float:
+        """Warm-up run (with an AttentionRecord), then the timed runs; emits the row and returns the median."""
+        torch = self.torch
+        args = self.args
+        pos, neg, latent, noise = inputs
+        make = self.sampler_factory(mode)
+
+        def run(sampler, sig=sigmas):
+            with torch.inference_mode():  # as ComfyUI's executor runs every node
+                return sample_comfy(model, noise, sampler, sig, pos, neg, latent, args.seed)
+
+        record = self.pack.record.AttentionRecord() if mode != "plain" else None
+        counter = GradForwardCounter(model.model.diffusion_model)
+        try:
+            tw = time.perf_counter()
+            run(make(record), warm_sigmas)
+            sync(self.device)
+            log.info("comfyui %s b%d %s: warm-up %.2f s", arch, batch, mode, time.perf_counter() - tw)
+            warm_forwards = counter.count
+            counter.count = 0
+            sampler = make(None)
+            times, peak, out = timed_runs(lambda: run(sampler), args.repeats, self.device, self.peak,
+                                          self.deadline)
+        finally:
+            counter.close()
+        forwards = counter.count // max(len(times), 1)
+        record_passes = None
+        if record is not None and len(warm_sigmas) == len(sigmas) and hasattr(record, "losses"):
+            record_passes = sum(len(v) for v in record.losses.values())
+            if record_passes != forwards:
+                log.warning("%s b%d %s: the record counts %d gradient passes, the UNet hook %d", arch, batch, mode,
+                            record_passes, forwards)
+        extra = dict(info)
+        extra.update({"grad_forwards": forwards, "record_passes": record_passes, "warmup_grad_forwards": warm_forwards,
+                      "output_finite": bool(torch.isfinite(out).all()), "attention_level": f"{target[0]}x{target[1]}"})
+        if mode == "ae_refine_cap":
+            extra["cap_passes"] = cap
+            if forwards != cap:
+                log.warning("%s b%d: %d gradient passes at the refinement cap, expected %d (a random model reached "
+                            "a threshold, or the sampler counts differently)", arch, batch, forwards, cap)
+        if record is not None and getattr(record, "losses", None):
+            first = record.losses[min(record.losses)][0]
+            extra["first_loss"] = round(float(first.float().mean()), 4)
+        median = statistics.median(times)
+        self.ours[(arch, batch, mode)] = median
+        plain = median if mode == "plain" else plain_median
+        self.emitter.emit(self.row("comfyui", arch, batch, mode, times, peak, plain,
+                                   forwards if mode != "plain" else 0, **extra))
+        return median
+
+    def comfy_inputs(self, arch: str, batch: int, side: int):
+        import comfy.sample
+
+        torch = self.torch
+        spec = ARCHS[arch]
+        gen = torch.Generator().manual_seed(self.args.seed + 1)
+        ctx = spec["context_dim"]
+        subjects = self.pack.tokens.SubjectTokens(indices=SUBJECT_INDICES, labels=("a", "b"),
+                                                  prompt_positions=PROMPT_POSITIONS, num_keys=NUM_KEYS, family="l")
+        pos_extra: dict[str, Any] = {"attend_excite": subjects}
+        neg_extra: dict[str, Any] = {}
+        pos_ctx = torch.randn(1, NUM_KEYS, ctx, generator=gen)
+        neg_ctx = torch.randn(1, NUM_KEYS, ctx, generator=gen)
+        if spec["pooled"]:
+            pos_extra["pooled_output"] = torch.randn(1, 1280, generator=gen)
+            neg_extra["pooled_output"] = torch.randn(1, 1280, generator=gen)
+        latent = torch.zeros(batch, 4, side, side)
+        noise = comfy.sample.prepare_noise(latent, self.args.seed)
+        return [[pos_ctx, pos_extra]], [[neg_ctx, neg_extra]], latent, noise
+
+    def sampler_factory(self, mode: str) -> Callable:
+        import comfy.samplers
+
+        sampling = self.pack.sampling
+        if mode == "plain":
+            return lambda record: comfy.samplers.sampler_object("euler")
+        if mode == "ae_no_refine":
+            cfg = sampling.AEConfig(sampler_name="euler", refinement=(), record_maps=False)
+        else:
+            cfg = sampling.AEConfig(sampler_name="euler", record_maps=False)
+        return lambda record: sampling.make_sampler(cfg, record)
+
+    # ---- diffusers ----
+
+    def run_diffusers(self, arch: str, model, info: dict, size: int, side: int, target: tuple[int, int],
+                      sched) -> None:
+        bridge = load_bridge()
+        if bridge is None:
+            return
+        import diffusers
+
+        torch = self.torch
+        args = self.args
+        try:
+            unet = bridge.diffusers_unet_from_comfy(model, self.device, self.dtype)
+            ae_pipe = bridge.build_ae_pipeline(unet, device=self.device, dtype=self.dtype)
+            try:
+                plain_pipe = diffusers.StableDiffusionPipeline.from_pipe(ae_pipe)
+            except Exception:  # noqa: BLE001 - older/newer diffusers without from_pipe for this pair
+                c = ae_pipe.components
+                plain_pipe = diffusers.StableDiffusionPipeline(
+                    vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=c["unet"],
+                    scheduler=c["scheduler"], safety_checker=None, feature_extractor=None,
+                    requires_safety_checker=False)
+            plain_pipe.set_progress_bar_config(disable=True)
+        except Exception:  # noqa: BLE001 - keep the ComfyUI numbers
+            log.exception("--diffusers: could not build the diffusers pipelines; skipping")
+            self.failed = True
+            return
+        updates = {"n": 0}
+        update_latent = ae_pipe._update_latent
+
+        def counting_update(*a, **kw):
+            updates["n"] += 1
+            return update_latent(*a, **kw)
+
+        ae_pipe._update_latent = counting_update
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        pe = torch.randn(1, NUM_KEYS, ARCHS[arch]["context_dim"], generator=gen).to(self.device, self.dtype)
+        ne = torch.randn(1, NUM_KEYS, ARCHS[arch]["context_dim"], generator=gen).to(self.device, self.dtype)
+        scheduler_name = type(ae_pipe.scheduler).__name__
+        d_info = {**info, "sampler": scheduler_name, "diffusers": diffusers.__version__,
+                  "attention_level": f"{target[0]}x{target[1]}"}
+
+        for batch in args.batch:
+            plain_median = None
+            for mode in [m for m in MODES if m in args.modes]:
+                if self.deadline.passed():
+                    log.warning("budget exhausted: skipping diffusers %s batch %d %s", arch, batch, mode)
+                    continue
+                pipe = plain_pipe if mode == "plain" else ae_pipe
+
+                def call(steps, pipe=pipe, mode=mode, batch=batch):
+                    kw = dict(prompt=None, prompt_embeds=pe, negative_prompt_embeds=ne, height=size, width=size,
+                              num_inference_steps=steps, guidance_scale=CFG_SCALE, num_images_per_prompt=batch,
+                              output_type="latent",
+                              generator=torch.Generator(self.device).manual_seed(args.seed))
+                    if mode != "plain":
+                        s = self.pack.schedule.build_schedule(steps)
+                        kw.update(token_indices=list(SUBJECT_INDICES), max_iter_to_alter=s.guided_steps,
+                                  scale_factor=20, attn_res=target,
+                                  thresholds={} if mode == "ae_no_refine" else dict(s.refinement))
+                    return pipe(**kw).images
+
+                counter = GradForwardCounter(ae_pipe.unet)
+                try:
+                    tw = time.perf_counter()
+                    call(args.warmup_steps or args.steps)
+                    sync(self.device)
+                    log.info("diffusers %s b%d %s: warm-up %.2f s", arch, batch, mode, time.perf_counter() - tw)
+                    counter.count = 0
+                    updates["n"] = 0
+                    times, peak, out = timed_runs(lambda: call(args.steps), args.repeats, self.device, self.peak,
+                                                  self.deadline)
+                except Exception:  # noqa: BLE001 - keep what was measured
+                    log.exception("diffusers %s b%d %s failed", arch, batch, mode)
+                    self.failed = True
+                    continue
+                finally:
+                    counter.close()
+                n = max(len(times), 1)
+                median = statistics.median(times)
+                if mode == "plain":
+                    plain_median = median
+                ours = self.ours.get((arch, batch, mode))
+                extra = dict(d_info)
+                extra.update({"grad_forwards": counter.count // n, "output_finite": bool(torch.isfinite(out).all()),
+                              "ratio_ours_to_diffusers": round(ours / median, 4) if ours else None})
+                self.emitter.emit(self.row("diffusers", arch, batch, mode, times, peak, plain_median,
+                                           updates["n"] // n, **extra))
+        del ae_pipe, plain_pipe, unet
+        free_memory(self.device)
+
+
+def cap_passes(sched, cfg) -> int:
+    """Gradient passes of one run when every refinement step hits its cap: one per guided step, plus
+    ``max_refinement_steps`` per refinement step (the first pass is shared, one final re-evaluation)."""
+    return sched.guided_steps + len(sched.refinement) * cfg.max_refinement_steps
+
+
+def sample_comfy(model, noise, sampler, sigmas, positive, negative, latent, seed):
+    """ComfyUI's public sampling entry point (what SamplerCustom calls), CFG 7.5, no progress bar."""
+    import comfy.sample
+
+    return comfy.sample.sample_custom(model, noise, CFG_SCALE, sampler, sigmas, positive, negative, latent,
+                                      disable_pbar=True, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger(PACK).setLevel(logging.WARNING)
+    stdout = sys.stdout
+    sys.stdout = sys.stderr  # anything else that prints (ComfyUI, diffusers) must not mix into the results
+    try:
+        if args.table_from is not None:
+            rows = [json.loads(line) for line in args.table_from.read_text(encoding="utf-8").splitlines()
+                    if line.strip()]
+            table = markdown_table(rows)
+            if args.markdown is not None:
+                args.markdown.write_text(table, encoding="utf-8")
+            stdout.write(table)
+            return 0
+        setup_comfy(args.comfy_root, cpu=args.device == "cpu")
+        import torch
+
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            log.error("--device cuda: torch sees no CUDA device")
+            return 2
+        emitter = Emitter(stdout, args.out, args.markdown, args.append)
+        bench = Bench(args, emitter)
+        log.info("device %s, torch %s, ComfyUI %s, commit %s", bench.meta["device_name"], torch.__version__,
+                 bench.meta["comfyui"], bench.meta["commit"])
+        try:
+            for arch in args.arch:
+                try:
+                    bench.run_arch(arch)
+                except Exception:  # noqa: BLE001 - report, go on with the next architecture
+                    log.exception("benchmark of %s failed", arch)
+                    bench.failed = True
+        finally:
+            emitter.finish()
+        return 1 if bench.failed else 0
+    finally:
+        sys.stdout = stdout
+
+
+if __name__ == "__main__":
+    sys.exit(main())

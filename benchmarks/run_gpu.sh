@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# GPU benchmark run: this pack's A&E sampler vs plain ComfyUI sampling vs diffusers' A&E pipeline.
+#
+# Run from the repository root on a CUDA machine whose python3 has torch, transformers, safetensors, einops, scipy
+# and psutil. Carry two git-ignored folders with the working tree:
+#   .whl/      wheels of torchsde, trampoline and diffusers (installed here into /tmp/site, no network needed)
+#   .comfyui/  the ComfyUI 0.3.75 source (scripts/bootstrap.sh creates it)
+#
+#   [BENCH_COMMIT=<sha>] bash benchmarks/run_gpu.sh [all|sd15|sd15-b1|sd15-b4|sdxl]
+#
+# Order under "all": sd15 batch 1 (+ diffusers), sdxl batch 1, sd15 batch 4 (+ diffusers); 50 steps each.
+# Results go to $OUT (default ./bench_out): results.jsonl (one JSON object per measurement), table.md, bench.log.
+# Environment: REPEATS (3), WARMUP_STEPS (10; the untimed warm-up run per measurement), BENCH_BUDGET_S (520: no
+# measurement starts later than this many seconds after the script started; keep it ~80 s under the command's time
+# limit), COMFYUI_ROOT (./.comfyui), BENCH_COMMIT (the commit to report when .git is not carried); for a dry run
+# on a CPU-only machine: BENCH_DEVICE=cpu STEPS=4 REPEATS=1 WARMUP_STEPS=2.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PART="${1:-all}"
+OUT="${OUT:-$PWD/bench_out}"
+REPEATS="${REPEATS:-3}"
+STEPS="${STEPS:-50}"
+DEVICE="${BENCH_DEVICE:-cuda}"  # cpu only to try this script out on a machine without a GPU
+WARMUP_STEPS="${WARMUP_STEPS:-10}"
+BUDGET="${BENCH_BUDGET_S:-520}"
+START=$(date +%s)
+mkdir -p "$OUT"
+LOG="$OUT/bench.log"
+: > "$LOG"
+rm -f "$OUT/results.jsonl"
+
+case "$PART" in all|sd15|sd15-b1|sd15-b4|sdxl) ;; *) echo "unknown part '$PART' (all|sd15|sd15-b1|sd15-b4|sdxl)" >&2; exit 2 ;; esac
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >> "$LOG" 2>&1 || { echo "installing .whl/*.whl failed; see $LOG" >&2; tail -n 20 "$LOG" >&2; exit 3; }
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  echo "warning: no .whl/*.whl carried; torchsde/trampoline/diffusers must already be importable" >&2
+fi
+export COMFYUI_ROOT="${COMFYUI_ROOT:-$PWD/.comfyui}"
+if [ -z "${BENCH_COMMIT:-}" ]; then
+  BENCH_COMMIT="$(git rev-parse HEAD 2> /dev/null || true)"
+fi
+export BENCH_COMMIT
+export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DIFFUSERS_NO_ADVISORY_WARNINGS=1 TOKENIZERS_PARALLELISM=false
+
+{
+  echo "== $(date -u +%FT%TZ) part=$PART device=$DEVICE steps=$STEPS repeats=$REPEATS warmup_steps=$WARMUP_STEPS budget=${BUDGET}s commit=${BENCH_COMMIT:-?}"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+  python3 -c "import sys, torch, transformers; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)" 2>&1
+  python3 -c "import diffusers; print('diffusers', diffusers.__version__)" 2>&1 | tail -n 1
+} >> "$LOG"
+
+RC=0
+bench() {
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  if [ "$left" -le 30 ]; then
+    echo "budget spent: skipped $*" | tee -a "$LOG" >&2
+    RC=1
+    return
+  fi
+  echo "== bench.py $* (budget ${left}s)" >> "$LOG"
+  python3 benchmarks/bench.py --device "$DEVICE" --steps "$STEPS" --repeats "$REPEATS" --warmup-steps "$WARMUP_STEPS" \
+    --budget-s "$left" --comfy-root "$COMFYUI_ROOT" --out "$OUT/results.jsonl" --append "$@" > /dev/null 2>> "$LOG" \
+    || { echo "bench.py $* exited with $?" | tee -a "$LOG" >&2; RC=1; }
+  if [ -s "$OUT/results.jsonl" ]; then
+    python3 benchmarks/bench.py --table-from "$OUT/results.jsonl" --markdown "$OUT/table.md" > /dev/null
+  fi
+}
+
+case "$PART" in all|sd15|sd15-b1) bench --arch sd15 --batch 1 --diffusers ;; esac
+case "$PART" in all|sdxl) bench --arch sdxl --batch 1 ;; esac
+case "$PART" in all|sd15|sd15-b4) bench --arch sd15 --batch 4 --diffusers ;; esac
+
+echo "== done after $(( $(date +%s) - START ))s, rc=$RC" >> "$LOG"
+grep -E "WARNING ae_bench|ERROR|Error|Traceback|budget|exited" "$LOG" | tail -n 40
+echo
+if [ -s "$OUT/table.md" ]; then cat "$OUT/table.md"; else echo "no results"; fi
+exit $RC
