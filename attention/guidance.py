@@ -60,20 +60,69 @@ def autograd_safe_weights(modules: Iterable[nn.Module]) -> Iterator[None]:
                     break
 
 
+class AutogradWeights:
+    """Makes a model's weights usable by autograd for the gradient passes of one sampling run.
+
+    Two ways, per module:
+    - modules that run ComfyUI's plain fast path get a **normal-tensor copy** of their inference-tensor parameters,
+      made once per run and swapped in only for the duration of each gradient pass (one copy per run instead of one
+      per pass and op; restored in ``finally``);
+    - modules that cast their weights anyway (low-VRAM partial loading, LoRA applied on the fly, manual casting)
+      get the weight-function trick of :func:`autograd_safe_weights` for each pass.
+
+    ``swap=False`` uses the weight-function trick everywhere (needed when hooks may re-patch weights mid-run).
+    """
+
+    def __init__(self, roots: Iterable[nn.Module], swap: bool = True) -> None:
+        self.swaps: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
+        self.cast_modules: list[nn.Module] = []
+        seen: set[int] = set()
+        with torch.inference_mode(False):
+            for root in roots:
+                for m in root.modules():
+                    if id(m) in seen:
+                        continue
+                    seen.add(id(m))
+                    wf, bf = getattr(m, "weight_function", None), getattr(m, "bias_function", None)
+                    casts = bool(getattr(m, "comfy_cast_weights", False) or wf or bf)
+                    if isinstance(wf, list) and isinstance(bf, list) and (casts or not swap):
+                        self.cast_modules.append(m)
+                        continue
+                    for name, p in m._parameters.items():
+                        if p is not None and p.is_inference():
+                            copy = nn.Parameter(p.detach().clone(), requires_grad=False)
+                            self.swaps.append((m, name, p, copy))
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        swapped = []
+        try:
+            for m, name, original, copy in self.swaps:
+                m._parameters[name] = copy
+                swapped.append((m, name, original))
+            with autograd_safe_weights(self.cast_modules):
+                yield
+        finally:
+            for m, name, original in swapped:
+                m._parameters[name] = original
+
+
 def loss_and_grad(
     forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     x: torch.Tensor,
-    modules: Iterable[nn.Module] = (),
+    weights: AutogradWeights | Iterable[nn.Module] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run ``forward(x_leaf) -> (loss (B,), maxima (B, S))`` with autograd and return detached results.
 
+    ``weights``: an :class:`AutogradWeights` of the model, or modules for the per-pass weight-function trick.
     Per-sample losses are summed before differentiating: samples do not interact in the UNet (group norm and
     attention are per sample), so each sample's gradient is that of its own loss, in one batched pass.
 
     Returns:
         ``(loss (B,), maxima (B, S), grad (like x))``; the gradient is zero where the loss does not depend on x.
     """
-    with autograd_safe_weights(list(modules)), torch.inference_mode(False), torch.enable_grad():
+    ctx = weights.active() if isinstance(weights, AutogradWeights) else autograd_safe_weights(list(weights))
+    with ctx, torch.inference_mode(False), torch.enable_grad():
         leaf = x.detach().clone().requires_grad_(True)
         loss, maxima = forward(leaf)
         if loss.requires_grad:

@@ -17,7 +17,7 @@ import comfy.samplers
 import torch
 from comfy.ldm.modules import attention as comfy_attention
 
-from ..attention.guidance import comfy_op_modules, loss_and_grad
+from ..attention.guidance import AutogradWeights, loss_and_grad
 from ..attention.loss import ae_loss, slot_mask, subject_max_attention
 from ..attention.record import AttentionRecord
 from ..attention.schedule import DEFAULT_REFINEMENT, build_schedule, parse_refinement
@@ -123,7 +123,7 @@ class _Run:
             else:
                 self.keys.append(key)
         self.target_keys: list[LayerKey] | None = None
-        self.modules = comfy_op_modules([self.base, *_control_modules([self.cond])])
+        self.weights: AutogradWeights | None = None  # made at the first gradient pass (plain runs copy nothing)
         self.record = record
         self.sigmas = sigmas
 
@@ -161,7 +161,11 @@ class _Run:
                                       cfg.kernel_size, cfg.sigma)
             return ae_loss(m), m
 
-        out = loss_and_grad(forward, x, self.modules)
+        if self.weights is None:
+            # Hook keyframes may re-patch weights inside calc_cond_batch: then never swap parameters.
+            hooked = bool(getattr(self.base.current_patcher, "hook_patches", None)) or "hooks" in self.cond
+            self.weights = AutogradWeights([self.base, *_control_modules([self.cond])], swap=not hooked)
+        out = loss_and_grad(forward, x, self.weights)
         if first:
             self.target_keys = [k for k in keys if capture.seen.get(k) == self.target_hw]
             log.debug("%s: A&E reads %s", cfg.node, [layer_name(k) for k in self.target_keys])

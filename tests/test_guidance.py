@@ -70,3 +70,29 @@ def test_weight_functions_are_removed_even_on_error_and_others_kept():
             raise KeyboardInterrupt
     assert m[0].weight_function == [other]
     assert m[0].bias_function == [] and m[2].weight_function == [] and m[2].bias_function == []
+
+
+def test_per_run_copies_are_swapped_in_only_during_a_pass():
+    from attention.guidance import AutogradWeights
+
+    m = _model()
+    m[2].comfy_cast_weights = True  # a layer that casts anyway (low-VRAM style) keeps the weight-function trick
+    originals = {n: p for n, p in m.named_parameters()}
+    weights = AutogradWeights([m])
+    assert m[2] in weights.cast_modules and {s[0] for s in weights.swaps} == {m[0]}
+    with torch.inference_mode():
+        x = torch.randn(2, 3)
+
+        def forward(leaf):
+            assert not m[0].weight.is_inference() and m[0].weight is not originals["0.weight"]
+            assert len(m[2].weight_function) == 1
+            return m(leaf).squeeze(-1), leaf
+
+        loss, _, grad = loss_and_grad(forward, x, weights)
+        assert grad.abs().sum() > 0
+    assert {n: p for n, p in m.named_parameters()} == originals  # the very same objects are back
+    assert m[2].weight_function == [] and m[0].weight.is_inference()
+    with pytest.raises(ValueError):
+        with weights.active():
+            raise ValueError
+    assert m[0].weight is originals["0.weight"]
