@@ -8,5 +8,6 @@ Modules:
     tokens     -- subject words -> cross-attention key indices, token tables
     record     -- the per-run attention record (what the visualizer and metrics read)
     heatmap    -- turning maps into coloured, labelled overlays
+    metrics    -- the paper's evaluation metrics (CLIP templates, similarities, neglect rate)
     guidance   -- the one module that runs autograd (the gradient island)
 """

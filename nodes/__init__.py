@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .encode import AttendExciteTextEncode
+from .report import AttendExciteReport
 from .samplers import AttendExciteKSampler, AttendExciteSampler
 from .visualize import AttendExciteVisualize
 
-NODES = [AttendExciteTextEncode, AttendExciteSampler, AttendExciteKSampler, AttendExciteVisualize]
+NODES = [AttendExciteTextEncode, AttendExciteSampler, AttendExciteKSampler, AttendExciteVisualize, AttendExciteReport]

@@ -53,7 +53,101 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-class ComfyServer:
+class ComfyClient:
+    """HTTP client of a running ComfyUI server (``url`` such as ``http://127.0.0.1:8188``)."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url.rstrip("/")
+        # never route a local server through an http_proxy from the environment
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    # ---------------------------------------------------------------------- HTTP
+    def _request(self, path: str, body: Any = None, method: str | None = None, timeout: float = 60) -> bytes:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        with self._opener.open(req, timeout=timeout) as resp:
+            return resp.read()
+
+    def get_json(self, path: str, timeout: float = 60) -> Any:
+        """``GET path`` and decode the JSON answer."""
+        return json.loads(self._request(path, timeout=timeout))
+
+    def post_json(self, path: str, body: Any, timeout: float = 60) -> Any:
+        """``POST`` a JSON body; returns the decoded answer, or ``None`` for an empty one."""
+        raw = self._request(path, body=body, method="POST", timeout=timeout)
+        return json.loads(raw) if raw.strip() else None
+
+    def object_info(self, node_id: str | None = None) -> dict[str, Any]:
+        """``/object_info`` (all nodes) or ``/object_info/{node_id}``."""
+        return self.get_json("/object_info" if node_id is None else f"/object_info/{urllib.parse.quote(node_id)}")
+
+    def queue(self, prompt: Mapping[str, Any], client_id: str | None = None) -> str:
+        """Queue an API-format prompt; returns its ``prompt_id``.
+
+        Raises:
+            ComfyError: validation failed (HTTP 400); the message includes ``node_errors``.
+        """
+        body = {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex}
+        try:
+            answer = self.post_json("/prompt", body)
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode(errors="replace")
+            try:
+                parsed = json.loads(detail)
+                errors = json.dumps(parsed.get("node_errors"), indent=1)
+                detail = f"error={json.dumps(parsed.get('error'))}\nnode_errors={errors}"
+            except json.JSONDecodeError:
+                pass
+            raise ComfyError(f"POST /prompt failed with HTTP {err.code}: {detail}") from None
+        return str(answer["prompt_id"])
+
+    def wait(self, prompt_id: str, timeout: float = 600, poll: float = 0.25) -> dict[str, Any]:
+        """Poll ``/history/{prompt_id}`` until the prompt finished; returns its history entry.
+
+        Raises:
+            ComfyError: execution failed (the message lists ComfyUI's status messages).
+            TimeoutError: not finished within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            entry = self.get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
+            if entry is not None:
+                status = entry.get("status") or {}
+                if status.get("status_str") == "error":
+                    raise ComfyError(f"prompt {prompt_id} failed:\n{_format_messages(status.get('messages', []))}")
+                if status.get("completed"):
+                    return entry
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"prompt {prompt_id} not finished after {timeout:.0f} s")
+            time.sleep(poll)
+
+    def run(self, prompt: Mapping[str, Any], timeout: float = 600) -> dict[str, Any]:
+        """Queue a prompt and wait for it; returns the history entry."""
+        return self.wait(self.queue(prompt), timeout=timeout)
+
+    def image_bytes(self, image_ref: Mapping[str, str]) -> bytes:
+        """Fetch an image listed in ``outputs[node]["images"]`` via ``/view``."""
+        query = urllib.parse.urlencode(
+            {
+                "filename": image_ref["filename"],
+                "subfolder": image_ref.get("subfolder", ""),
+                "type": image_ref.get("type", "output"),
+            }
+        )
+        return self._request(f"/view?{query}")
+
+    def interrupt(self) -> None:
+        """Interrupt the running prompt (``POST /interrupt``)."""
+        self.post_json("/interrupt", {})
+
+
+class ComfyServer(ComfyClient):
     """A ComfyUI ``main.py`` subprocess with its own base directory; a context manager.
 
     Args:
@@ -90,8 +184,7 @@ class ComfyServer:
         self.port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.base_dir / "server.log"
-        # never route 127.0.0.1 through an http_proxy from the environment
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        super().__init__("")
 
     # ----------------------------------------------------------------- lifecycle
     def __enter__(self) -> Self:
@@ -205,87 +298,6 @@ class ComfyServer:
         except OSError:
             return "(no server log)"
         return "\n".join(text.splitlines()[-lines:])
-
-    # ---------------------------------------------------------------------- HTTP
-    def _request(self, path: str, body: Any = None, method: str | None = None, timeout: float = 60) -> bytes:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        with self._opener.open(req, timeout=timeout) as resp:
-            return resp.read()
-
-    def get_json(self, path: str, timeout: float = 60) -> Any:
-        """``GET path`` and decode the JSON answer."""
-        return json.loads(self._request(path, timeout=timeout))
-
-    def post_json(self, path: str, body: Any, timeout: float = 60) -> Any:
-        """``POST`` a JSON body; returns the decoded answer, or ``None`` for an empty one."""
-        raw = self._request(path, body=body, method="POST", timeout=timeout)
-        return json.loads(raw) if raw.strip() else None
-
-    def object_info(self, node_id: str | None = None) -> dict[str, Any]:
-        """``/object_info`` (all nodes) or ``/object_info/{node_id}``."""
-        return self.get_json("/object_info" if node_id is None else f"/object_info/{urllib.parse.quote(node_id)}")
-
-    def queue(self, prompt: Mapping[str, Any], client_id: str | None = None) -> str:
-        """Queue an API-format prompt; returns its ``prompt_id``.
-
-        Raises:
-            ComfyError: validation failed (HTTP 400); the message includes ``node_errors``.
-        """
-        body = {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex}
-        try:
-            answer = self.post_json("/prompt", body)
-        except urllib.error.HTTPError as err:
-            detail = err.read().decode(errors="replace")
-            try:
-                parsed = json.loads(detail)
-                errors = json.dumps(parsed.get("node_errors"), indent=1)
-                detail = f"error={json.dumps(parsed.get('error'))}\nnode_errors={errors}"
-            except json.JSONDecodeError:
-                pass
-            raise ComfyError(f"POST /prompt failed with HTTP {err.code}: {detail}") from None
-        return str(answer["prompt_id"])
-
-    def wait(self, prompt_id: str, timeout: float = 600, poll: float = 0.25) -> dict[str, Any]:
-        """Poll ``/history/{prompt_id}`` until the prompt finished; returns its history entry.
-
-        Raises:
-            ComfyError: execution failed (the message lists ComfyUI's status messages).
-            TimeoutError: not finished within ``timeout`` seconds.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            entry = self.get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
-            if entry is not None:
-                status = entry.get("status") or {}
-                if status.get("status_str") == "error":
-                    raise ComfyError(f"prompt {prompt_id} failed:\n{_format_messages(status.get('messages', []))}")
-                if status.get("completed"):
-                    return entry
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"prompt {prompt_id} not finished after {timeout:.0f} s")
-            time.sleep(poll)
-
-    def run(self, prompt: Mapping[str, Any], timeout: float = 600) -> dict[str, Any]:
-        """Queue a prompt and wait for it; returns the history entry."""
-        return self.wait(self.queue(prompt), timeout=timeout)
-
-    def image_bytes(self, image_ref: Mapping[str, str]) -> bytes:
-        """Fetch an image listed in ``outputs[node]["images"]`` via ``/view``."""
-        query = urllib.parse.urlencode(
-            {
-                "filename": image_ref["filename"],
-                "subfolder": image_ref.get("subfolder", ""),
-                "type": image_ref.get("type", "output"),
-            }
-        )
-        return self._request(f"/view?{query}")
-
-    def interrupt(self) -> None:
-        """Interrupt the running prompt (``POST /interrupt``)."""
-        self.post_json("/interrupt", {})
 
     def link_checkpoint(self, path: str | os.PathLike[str], name: str | None = None) -> str:
         """Symlink a checkpoint into ``<base>/models/checkpoints``; returns its ``ckpt_name``."""

@@ -14,7 +14,8 @@ from PIL import Image
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
 WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "attend_and_excite_sd15.json"
-OUR_NODES = ("AttendExciteTextEncode", "AttendExciteSampler", "AttendExciteKSampler", "AttendExciteVisualize")
+OUR_NODES = ("AttendExciteTextEncode", "AttendExciteSampler", "AttendExciteKSampler", "AttendExciteVisualize",
+             "AttendExciteReport")
 CKPT = "ae_tiny_sd15.safetensors"
 
 
