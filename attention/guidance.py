@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -60,20 +61,61 @@ def autograd_safe_weights(modules: Iterable[nn.Module]) -> Iterator[None]:
                     break
 
 
+class _LinearByRef(torch.autograd.Function):
+    """``F.linear`` whose backward (to the input only) reads the weight by reference instead of saving it.
+
+    Autograd refuses to *save* inference tensors; keeping a plain reference for ``grad_x = grad_y W`` is safe
+    because the weights are frozen during the pass. Saves a copy of every weight.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.weight = weight
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out @ ctx.weight, None, None
+
+
+class _Conv2dByRef(torch.autograd.Function):
+    """``F.conv2d`` with an input-only backward that reads the weight by reference (see :class:`_LinearByRef`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.weight, ctx.shape, ctx.conf = weight, x.shape, (stride, padding, dilation, groups)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad = torch.nn.grad.conv2d_input(ctx.shape, ctx.weight, grad_out, *ctx.conf)
+        return grad, None, None, None, None, None, None
+
+
+def _by_ref_forward(m: nn.Module):
+    """A forward for ``m`` that differentiates to its input without saving its weights, or ``None``."""
+    if isinstance(m, nn.Linear):
+        return lambda x: _LinearByRef.apply(x, m.weight, m.bias)
+    if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+        return lambda x: _Conv2dByRef.apply(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+    return None
+
+
 class AutogradWeights:
     """Makes a model's weights usable by autograd for the gradient passes of one sampling run.
 
-    Two ways, per module:
-    - modules that run ComfyUI's plain fast path get a **normal-tensor copy** of their inference-tensor parameters,
-      made once per run and swapped in only for the duration of each gradient pass (one copy per run instead of one
-      per pass and op; restored in ``finally``);
-    - modules that cast their weights anyway (low-VRAM partial loading, LoRA applied on the fly, manual casting)
-      get the weight-function trick of :func:`autograd_safe_weights` for each pass.
+    Per module, for the duration of each gradient pass only (always restored in ``finally``):
+    - linear and conv layers on ComfyUI's plain fast path run a forward whose backward reads the weight by
+      reference (no copy at all);
+    - other layers with inference-tensor parameters (norms, ...) get normal-tensor copies, made once per run;
+    - layers that cast their weights anyway (low-VRAM partial loading, LoRA applied on the fly, manual casting)
+      get the weight-function trick of :func:`autograd_safe_weights`.
 
     ``swap=False`` uses the weight-function trick everywhere (needed when hooks may re-patch weights mid-run).
     """
 
     def __init__(self, roots: Iterable[nn.Module], swap: bool = True) -> None:
+        self.forwards: list[tuple[nn.Module, Callable]] = []
         self.swaps: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
         self.cast_modules: list[nn.Module] = []
         seen: set[int] = set()
@@ -88,21 +130,32 @@ class AutogradWeights:
                     if isinstance(wf, list) and isinstance(bf, list) and (casts or not swap):
                         self.cast_modules.append(m)
                         continue
-                    for name, p in m._parameters.items():
-                        if p is not None and p.is_inference():
-                            copy = nn.Parameter(p.detach().clone(), requires_grad=False)
-                            self.swaps.append((m, name, p, copy))
+                    params = [(n, p) for n, p in m._parameters.items() if p is not None and p.is_inference()]
+                    if not params:
+                        continue
+                    fwd = _by_ref_forward(m) if "forward" not in m.__dict__ else None
+                    if fwd is not None:
+                        self.forwards.append((m, fwd))
+                        continue
+                    for name, p in params:
+                        self.swaps.append((m, name, p, nn.Parameter(p.detach().clone(), requires_grad=False)))
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        swapped = []
+        swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+        overridden: list[nn.Module] = []
         try:
+            for m, fwd in self.forwards:
+                m.forward = fwd
+                overridden.append(m)
             for m, name, original, copy in self.swaps:
                 m._parameters[name] = copy
                 swapped.append((m, name, original))
             with autograd_safe_weights(self.cast_modules):
                 yield
         finally:
+            for m in overridden:
+                del m.forward
             for m, name, original in swapped:
                 m._parameters[name] = original
 

@@ -127,9 +127,14 @@ class _Run:
         self.record = record
         self.sigmas = sigmas
 
-    def _options(self, patch_for, keys) -> dict:
+    def _options(self, patch_for, keys, grad: bool = False) -> dict:
         mo = dict(self.model_options)
         mo["transformer_options"] = dict(mo.get("transformer_options", {}))
+        if grad and self.cond.get("control") is not None:
+            patches = dict(mo["transformer_options"].get("patches", {}))
+            patches["input_block_patch_after_skip"] = [*patches.get("input_block_patch_after_skip", []),
+                                                       _clone_after_skip]
+            mo["transformer_options"]["patches"] = patches
         for key in keys:
             mo = comfy.model_patcher.set_model_options_patch_replace(mo, patch_for(key), "attn2", *key)
         return mo
@@ -144,7 +149,7 @@ class _Run:
         first = self.target_keys is None
         keys = self.keys if first else self.target_keys
         capture = GradCapture(self.target_hw, None if first else keys[-1], comfy_attention.optimized_attention)
-        mo = self._options(capture.patch, keys)
+        mo = self._options(capture.patch, keys, grad=True)
         cfg = self.cfg
 
         def forward(leaf: torch.Tensor):
@@ -170,6 +175,12 @@ class _Run:
             self.target_keys = [k for k in keys if capture.seen.get(k) == self.target_hw]
             log.debug("%s: A&E reads %s", cfg.node, [layer_name(k) for k in self.target_keys])
         return out
+
+
+def _clone_after_skip(h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
+    """The UNet adds ControlNet residuals to the stored skip tensors in place (``h += ctrl``), which autograd rejects
+    when the next block saved the same tensor for backward. Feeding the next block a clone keeps the graph valid."""
+    return h.clone()
 
 
 def _shift(callback, offset: int):

@@ -72,27 +72,51 @@ def test_weight_functions_are_removed_even_on_error_and_others_kept():
     assert m[0].bias_function == [] and m[2].weight_function == [] and m[2].bias_function == []
 
 
-def test_per_run_copies_are_swapped_in_only_during_a_pass():
+def test_run_weights_are_active_only_during_a_pass():
     from attention.guidance import AutogradWeights
 
     m = _model()
     m[2].comfy_cast_weights = True  # a layer that casts anyway (low-VRAM style) keeps the weight-function trick
     originals = {n: p for n, p in m.named_parameters()}
     weights = AutogradWeights([m])
-    assert m[2] in weights.cast_modules and {s[0] for s in weights.swaps} == {m[0]}
+    assert m[2] in weights.cast_modules and [f[0] for f in weights.forwards] == [m[0]]
     with torch.inference_mode():
         x = torch.randn(2, 3)
 
         def forward(leaf):
-            assert not m[0].weight.is_inference() and m[0].weight is not originals["0.weight"]
+            assert "forward" in m[0].__dict__  # the by-reference forward: no copy of the weight at all
+            assert m[0].weight is originals["0.weight"] and m[0].weight.is_inference()
             assert len(m[2].weight_function) == 1
             return m(leaf).squeeze(-1), leaf
 
         loss, _, grad = loss_and_grad(forward, x, weights)
         assert grad.abs().sum() > 0
-    assert {n: p for n, p in m.named_parameters()} == originals  # the very same objects are back
-    assert m[2].weight_function == [] and m[0].weight.is_inference()
+    assert {n: p for n, p in m.named_parameters()} == originals
+    assert m[2].weight_function == [] and "forward" not in m[0].__dict__
     with pytest.raises(ValueError):
         with weights.active():
             raise ValueError
-    assert m[0].weight is originals["0.weight"]
+    assert "forward" not in m[0].__dict__
+
+
+def test_by_reference_layers_give_the_exact_input_gradient():
+    from attention.guidance import AutogradWeights
+
+    torch.manual_seed(0)
+
+    def build():
+        return nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.SiLU(),
+                             nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2), nn.Flatten(), nn.Linear(8 * 4 * 4, 3),
+                             nn.LayerNorm(3))
+
+    ref = build().double()
+    with torch.inference_mode():
+        inf = build().double()
+        inf.load_state_dict(ref.state_dict())
+        x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+        weights = AutogradWeights([inf])
+        assert len(weights.forwards) == 3 and len(weights.swaps) == 4  # convs + linear by ref; norms copied
+        _, _, grad = loss_and_grad(lambda leaf: ((inf(leaf) ** 2).sum(-1), leaf), x, weights)
+    xr = x.clone().requires_grad_(True)
+    (gr,) = torch.autograd.grad((ref(xr) ** 2).sum(), xr)
+    assert torch.allclose(grad, gr, atol=1e-12)

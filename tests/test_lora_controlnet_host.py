@@ -1,0 +1,230 @@
+"""The A&E sampler combined with a LoRA and with a ControlNet in the real ComfyUI host, in-process.
+
+Both are generated here with random but deterministic weights for the tiny SD1.5 checkpoint, and loaded by
+ComfyUI's own loaders (``comfy.sd.load_lora_for_models``, ``comfy.controlnet.load_controlnet_state_dict``) and
+applied as the ``LoraLoader`` / ``ControlNetApplyAdvanced`` nodes do. The A&E gradient pass goes through
+ComfyUI's ``calc_cond_batch`` with the positive cond, so it must see the LoRA-patched weights and the cond's
+ControlNet: the step-0 loss (computed before any sampler step, from the same latent) has to change with either.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.host, pytest.mark.slow]
+
+AE_DEFAULTS = dict(scale_factor=20.0, guided_fraction=0.5, scale_start=1.0, scale_end=0.5, refinement="",
+                   max_refinement_steps=4, smoothing=True, kernel_size=3, smoothing_sigma=0.5,
+                   attention_resolution=0, token_slots="auto", record_maps=True)
+PROMPT, SUBJECTS = "a photo of a cat and a frog", "cat, frog"
+STEPS, SEED = 2, 3  # one guided step (guided_fraction 0.5), one gradient pass (no refinement)
+
+# cross-attention projections of the 8x8 level, the one A&E reads on a 32x32 latent
+LORA_TARGETS = [f"diffusion_model.input_blocks.{b}.1.transformer_blocks.0.attn2.{p}"
+                for b in (7, 8) for p in ("to_q", "to_k")]
+LORA_RANK = 4
+
+
+@pytest.fixture(scope="module")
+def host(comfy_inprocess, tiny_checkpoint):
+    import sys
+
+    import comfy_inprocess as ci
+
+    ci.load_pack()
+    pack = sys.modules["comfyui_attend_excite"]
+    from comfyui_attend_excite.nodes.encode import encode_subjects
+
+    model, clip, vae = comfy_inprocess.load_checkpoint(tiny_checkpoint)
+    with torch.inference_mode():
+        pos, _, _ = encode_subjects(clip, PROMPT, SUBJECTS)
+        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    return dict(pack=pack, model=model, clip=clip, pos=pos, neg=neg, fingerprint=_weights_fingerprint(model))
+
+
+def ksample(host, model=None, positive=None, negative=None, seed=SEED, steps=STEPS, **ae):
+    from comfyui_attend_excite.nodes.samplers import AttendExciteKSampler
+
+    params = {**AE_DEFAULTS, **ae}
+    with torch.inference_mode():
+        out = AttendExciteKSampler.execute(model or host["model"], seed, steps, 5.0, "euler", "normal",
+                                           positive or host["pos"], negative or host["neg"],
+                                           {"samples": torch.zeros(1, 4, 32, 32)}, 1.0, **params)
+    lat, record = out.args
+    return lat["samples"], record
+
+
+def step0_loss(record) -> float:
+    assert len(record.losses[0]) == 1  # main pass only (no refinement)
+    return float(record.losses[0][0][0])
+
+
+@pytest.fixture(scope="module")
+def plain_run(host):
+    """A&E without LoRA or ControlNet: the reference for both."""
+    samples, record = ksample(host)
+    assert torch.isfinite(samples).all()
+    return samples, step0_loss(record)
+
+
+def _weights_fingerprint(model):
+    return [(k, float(v.float().sum()), tuple(v.shape)) for k, v in model.model.state_dict().items()]
+
+
+def _no_leftover_weight_functions(roots) -> bool:
+    from attention.guidance import comfy_op_modules
+
+    mods = comfy_op_modules(roots)
+    return bool(mods) and all(not m.weight_function and not m.bias_function for m in mods)
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+def make_lora(host) -> dict[str, torch.Tensor]:
+    """Rank-4 LoRA (generic ``<module>.lora_up/.lora_down/.alpha`` keys) for ``LORA_TARGETS``."""
+    sd = host["model"].model.diffusion_model.state_dict()
+    gen = torch.Generator().manual_seed(7)
+    lora = {}
+    for key in LORA_TARGETS:
+        out_f, in_f = sd[key[len("diffusion_model."):] + ".weight"].shape
+        lora[f"{key}.lora_down.weight"] = torch.randn(LORA_RANK, in_f, generator=gen) / math.sqrt(in_f)
+        lora[f"{key}.lora_up.weight"] = torch.randn(out_f, LORA_RANK, generator=gen) / math.sqrt(LORA_RANK)
+        lora[f"{key}.alpha"] = torch.tensor(float(LORA_RANK))
+    return lora
+
+
+@pytest.fixture(scope="module")
+def lora_model(host):
+    import comfy.sd
+
+    model = host["model"]
+    patches, uuid = {k: list(v) for k, v in model.patches.items()}, model.patches_uuid
+    with torch.inference_mode():
+        patched, _ = comfy.sd.load_lora_for_models(model, host["clip"], make_lora(host), 1.0, 0.0)
+    assert patched is not model
+    assert sorted(patched.patches) == sorted(f"{k}.weight" for k in LORA_TARGETS)
+    # LoraLoader semantics: the input model is not patched, only its clone
+    assert {k: list(v) for k, v in model.patches.items()} == patches and model.patches_uuid == uuid
+    return patched
+
+
+def test_ae_runs_with_a_lora_and_its_gradient_pass_sees_it(host, plain_run, lora_model):
+    plain_samples, plain_loss = plain_run
+    model = host["model"]
+    patches, uuid = {k: list(v) for k, v in model.patches.items()}, model.patches_uuid
+
+    samples, record = ksample(host, model=lora_model)
+    assert torch.isfinite(samples).all()
+    assert record.guided_steps == 1 and sorted(record.losses) == [0]
+    lora_loss = step0_loss(record)
+    assert math.isfinite(lora_loss)
+    # same latent, same sigma: only the LoRA-patched weights can change the step-0 loss
+    assert abs(lora_loss - plain_loss) > 1e-4, (lora_loss, plain_loss)
+    assert not torch.equal(samples, plain_samples)
+
+    # the un-LoRA'd model is left as found: no patches, and the next run on it is the plain run, bit for bit
+    assert {k: list(v) for k, v in model.patches.items()} == patches and model.patches_uuid == uuid
+    again, again_record = ksample(host)
+    assert torch.equal(again, plain_samples)
+    assert step0_loss(again_record) == plain_loss
+    assert _weights_fingerprint(model) == host["fingerprint"]
+    assert _no_leftover_weight_functions([model.model])
+    assert not any(p.grad is not None for p in model.model.parameters())
+
+
+def test_plain_mode_with_a_lora_is_bit_identical_to_ksampler(host, lora_model):
+    import nodes as comfy_nodes
+
+    samples, record = ksample(host, model=lora_model, scale_factor=0.0, seed=11)
+    assert not record.losses
+    with torch.inference_mode():
+        (ref,) = comfy_nodes.common_ksampler(lora_model, 11, STEPS, 5.0, "euler", "normal", host["pos"],
+                                             host["neg"], {"samples": torch.zeros(1, 4, 32, 32)})
+    assert torch.equal(samples, ref["samples"])
+
+
+# ---------------------------------------------------------------- ControlNet
+
+
+def make_controlnet_state_dict(host) -> dict[str, torch.Tensor]:
+    """A ControlNet (ldm key layout) matching the checkpoint's UNet, every parameter initialised from a seed.
+
+    Biases 0, 1-D weights (norms) 1, other weights normal(0, 1/sqrt(fan_in)); the zero-convs and
+    ``middle_block_out`` get a quarter of that, so they are small but non-zero and the control signal counts.
+    """
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    config = dict(host["model"].model.model_config.unet_config)
+    config.pop("out_channels")
+    config.update(hint_channels=3, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+    net = comfy.cldm.cldm.ControlNet(**config)
+    gen = torch.Generator().manual_seed(11)
+    sd = {}
+    with torch.no_grad():
+        for name, t in net.state_dict().items():
+            t = t.detach().clone()
+            if name.endswith("bias"):
+                t.zero_()
+            elif t.ndim <= 1:
+                t.fill_(1.0)
+            else:
+                gain = 0.25 if name.startswith(("zero_convs.", "middle_block_out.")) else 1.0
+                t.normal_(0.0, gain / math.sqrt(math.prod(t.shape[1:])), generator=gen)
+            sd[name] = t
+    return sd
+
+
+@pytest.fixture(scope="module")
+def controlnet(host):
+    import comfy.controlnet
+
+    sd = make_controlnet_state_dict(host)
+    zero_conv = sd["zero_convs.0.0.weight"].clone()
+    with torch.inference_mode():
+        cnet = comfy.controlnet.load_controlnet_state_dict(sd)
+    assert isinstance(cnet, comfy.controlnet.ControlNet)
+    loaded = cnet.control_model.state_dict()
+    assert set(loaded) == set(sd) and torch.equal(loaded["zero_convs.0.0.weight"], zero_conv)
+    assert zero_conv.abs().sum() > 0
+    return cnet
+
+
+def apply_controlnet(host, cnet, strength=1.0):
+    import nodes as comfy_nodes
+
+    gen = torch.Generator().manual_seed(5)
+    image = torch.rand(1, 256, 256, 3, generator=gen)  # IMAGE: (B, H, W, C) in [0, 1]
+    with torch.inference_mode():
+        return comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(host["pos"], host["neg"], cnet, image,
+                                                                     strength, 0.0, 1.0)
+
+
+def test_ae_runs_with_a_controlnet_in_its_gradient_pass(host, plain_run, controlnet):
+    from comfyui_attend_excite.nodes.sampling import COND_KEY
+
+    plain_samples, plain_loss = plain_run
+    pos, neg = apply_controlnet(host, controlnet)
+    assert COND_KEY in pos[0][1] and pos[0][1]["control"] is neg[0][1]["control"]
+    control_model = controlnet.control_model
+    params = [(m, name, p) for m in control_model.modules() for name, p in m._parameters.items()]
+
+    samples, record = ksample(host, positive=pos, negative=neg)
+    assert torch.isfinite(samples).all()
+    assert record.guided_steps == 1 and sorted(record.losses) == [0]
+    cn_loss = step0_loss(record)
+    assert math.isfinite(cn_loss)
+    # same latent, same sigma, same UNet: only the ControlNet's residuals can change the step-0 loss
+    assert abs(cn_loss - plain_loss) > 1e-4, (cn_loss, plain_loss)
+    assert not torch.equal(samples, plain_samples)
+
+    # the ControlNet (shared by every copy of the control object) is left as found
+    assert _no_leftover_weight_functions([control_model])
+    assert all(m._parameters[name] is p for m, name, p in params)
+    assert not any(p.grad is not None for p in control_model.parameters())
+    assert _no_leftover_weight_functions([host["model"].model])
+
