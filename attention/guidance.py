@@ -111,10 +111,11 @@ class AutogradWeights:
     - layers that cast their weights anyway (low-VRAM partial loading, LoRA applied on the fly, manual casting)
       get the weight-function trick of :func:`autograd_safe_weights`.
 
-    ``swap=False`` uses the weight-function trick everywhere (needed when hooks may re-patch weights mid-run).
+    ``swap=False`` uses the weight-function trick everywhere (needed when hooks may re-patch weights mid-run);
+    ``by_reference=False`` copies linear/conv weights too (one copy per run: more memory, fewer Python calls).
     """
 
-    def __init__(self, roots: Iterable[nn.Module], swap: bool = True) -> None:
+    def __init__(self, roots: Iterable[nn.Module], swap: bool = True, by_reference: bool = True) -> None:
         self.forwards: list[tuple[nn.Module, Callable]] = []
         self.swaps: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
         self.cast_modules: list[nn.Module] = []
@@ -133,7 +134,7 @@ class AutogradWeights:
                     params = [(n, p) for n, p in m._parameters.items() if p is not None and p.is_inference()]
                     if not params:
                         continue
-                    fwd = _by_ref_forward(m) if "forward" not in m.__dict__ else None
+                    fwd = _by_ref_forward(m) if by_reference and "forward" not in m.__dict__ else None
                     if fwd is not None:
                         self.forwards.append((m, fwd))
                         continue

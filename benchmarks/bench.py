@@ -92,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", type=_csv(str), default=list(MODES), help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--diffusers", action="store_true", help="also time diffusers' pipelines (sd15 only)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", choices=("reference", "copy"), default="reference",
+                   help="gradient-pass weights: by reference (no copy, default) or one copy per run")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0 = torch's default); fewer than the cores helps on a busy machine")
     p.add_argument("--budget-s", type=float, default=0.0,
@@ -540,7 +542,7 @@ class Bench:
         log.info("%s/%s: ComfyUI model %s, %.1f M parameters, %s, latent %dx%d (built in %.1f s)", arch, variant,
                  model_class, params / 1e6, self.meta["dtype"], side, side, time.perf_counter() - t0)
         info = {"model": variant, "model_class": model_class, "unet_params_m": round(params / 1e6, 1),
-                "size": size, "latent": side, "sampler": "euler/normal"}
+                "size": size, "latent": side, "sampler": "euler/normal", "weights": args.weights}
         sampling = self.pack.sampling
         target = sampling.target_resolution((side, side), 0, "bench")
         ms = model.get_model_object("model_sampling")
@@ -659,9 +661,11 @@ class Bench:
         if mode == "plain":
             return lambda record: comfy.samplers.sampler_object("euler")
         if mode == "ae_no_refine":
-            cfg = sampling.AEConfig(sampler_name="euler", refinement=(), record_maps=False)
+            cfg = sampling.AEConfig(sampler_name="euler", refinement=(), record_maps=False,
+                                    weights_by_reference=self.args.weights == "reference")
         else:
-            cfg = sampling.AEConfig(sampler_name="euler", record_maps=False)
+            cfg = sampling.AEConfig(sampler_name="euler", record_maps=False,
+                                    weights_by_reference=self.args.weights == "reference")
         return lambda record: sampling.make_sampler(cfg, record)
 
     # ---- diffusers ----

@@ -47,6 +47,7 @@ class AEConfig:
     attention_resolution: int = 0  # 0 = auto: the level at latent size / 4
     token_slots: str = "auto"
     record_maps: bool = True
+    weights_by_reference: bool = True  # False: one weight copy per run (more memory, fewer Python calls per pass)
     node: str = field(default="AttendExciteSampler", compare=False)
 
     def validate(self) -> None:
@@ -169,7 +170,8 @@ class _Run:
         if self.weights is None:
             # Hook keyframes may re-patch weights inside calc_cond_batch: then never swap parameters.
             hooked = bool(getattr(self.base.current_patcher, "hook_patches", None)) or "hooks" in self.cond
-            self.weights = AutogradWeights([self.base, *_control_modules([self.cond])], swap=not hooked)
+            self.weights = AutogradWeights([self.base, *_control_modules([self.cond])], swap=not hooked,
+                                           by_reference=self.cfg.weights_by_reference)
         out = loss_and_grad(forward, x, self.weights)
         if first:
             self.target_keys = [k for k in keys if capture.seen.get(k) == self.target_hw]
