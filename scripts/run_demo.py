@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--python", default=sys.executable, help="Python that runs ComfyUI (default: this one)")
     ap.add_argument("--out", type=Path, default=REPO / "ae_output", help="output folder (default: ae_output/)")
     ap.add_argument("--workflow", type=Path, default=WORKFLOW)
-    ap.add_argument("--steps", type=int, help="override the workflow's steps")
-    ap.add_argument("--size", type=int, help="override the workflow's image size (square)")
+    ap.add_argument("--steps", type=int, help="override the workflow's steps (tiny checkpoint default: 10)")
+    ap.add_argument("--size", type=int, help="override the workflow's image size, square (tiny checkpoint default: "
+                    "256, where A&E reads the 8x8 maps)")
     ap.add_argument("--seed", type=int, help="override the workflow's seed")
     ap.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=None,
                     help="run ComfyUI with --cpu (default: on with the tiny checkpoint)")
@@ -72,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     if not ckpt.is_file():
         ap.error(f"checkpoint {ckpt} does not exist")
     cpu = args.cpu if args.cpu is not None else args.checkpoint is None
+    if args.checkpoint is None:
+        # The random-weight checkpoint runs on the CPU: 512 px x 50 steps would take over an hour there.
+        args.steps = args.steps or 10
+        args.size = args.size or 256
+        log.info("tiny checkpoint on the CPU: %d steps at %d px (override with --steps/--size)", args.steps,
+                 args.size)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="ae_demo_"))

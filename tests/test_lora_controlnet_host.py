@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from host_helpers import load_host, seeded_init
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
@@ -30,19 +31,8 @@ LORA_RANK = 4
 
 @pytest.fixture(scope="module")
 def host(comfy_inprocess, tiny_checkpoint):
-    import sys
-
-    import comfy_inprocess as ci
-
-    ci.load_pack()
-    pack = sys.modules["comfyui_attend_excite"]
-    from comfyui_attend_excite.nodes.encode import encode_subjects
-
-    model, clip, vae = comfy_inprocess.load_checkpoint(tiny_checkpoint)
-    with torch.inference_mode():
-        pos, _, _ = encode_subjects(clip, PROMPT, SUBJECTS)
-        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-    return dict(pack=pack, model=model, clip=clip, pos=pos, neg=neg, fingerprint=_weights_fingerprint(model))
+    loaded = load_host(comfy_inprocess, tiny_checkpoint, PROMPT, SUBJECTS)
+    return {**loaded, "fingerprint": _weights_fingerprint(loaded["model"])}
 
 
 def ksample(host, model=None, positive=None, negative=None, seed=SEED, steps=STEPS, **ae):
@@ -163,20 +153,9 @@ def make_controlnet_state_dict(host) -> dict[str, torch.Tensor]:
     config.pop("out_channels")
     config.update(hint_channels=3, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
     net = comfy.cldm.cldm.ControlNet(**config)
-    gen = torch.Generator().manual_seed(11)
-    sd = {}
-    with torch.no_grad():
-        for name, t in net.state_dict().items():
-            t = t.detach().clone()
-            if name.endswith("bias"):
-                t.zero_()
-            elif t.ndim <= 1:
-                t.fill_(1.0)
-            else:
-                gain = 0.25 if name.startswith(("zero_convs.", "middle_block_out.")) else 1.0
-                t.normal_(0.0, gain / math.sqrt(math.prod(t.shape[1:])), generator=gen)
-            sd[name] = t
-    return sd
+    # zero convs small but not zero, so the control signal matters
+    return seeded_init(net.state_dict(), 11,
+                       lambda name: 0.25 if name.startswith(("zero_convs.", "middle_block_out.")) else 1.0)
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,12 @@ Mapping and deliberate differences:
 
 from __future__ import annotations
 
-import math
 import sys
 import types
 from pathlib import Path
 
 import pytest
+from host_helpers import seeded_init
 
 pytestmark = [pytest.mark.host, pytest.mark.slow, pytest.mark.parity,
               pytest.mark.filterwarnings("ignore:torch.meshgrid")]  # diffusers' GaussianSmoothing
@@ -63,19 +63,8 @@ def _build_state_dict(seed: int = 0) -> dict:
         legacy=False, transformer_depth_middle=1, channel_mult=[1, 1], num_res_blocks=[1, 1], transformer_depth=[1, 1],
         transformer_depth_output=[1, 1, 1, 1], dtype=torch.float32, device="cpu",
         operations=comfy.ops.disable_weight_init)
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    with torch.no_grad():
-        for name, t in unet.state_dict().items():
-            t = t.detach().clone()
-            if name.endswith("bias"):
-                t.zero_()
-            elif t.ndim <= 1:
-                t.fill_(1.0)
-            else:
-                gain = ATTN2_QK_GAIN if (".attn2.to_q." in name or ".attn2.to_k." in name) else 1.0
-                t.normal_(0.0, gain / math.sqrt(math.prod(t.shape[1:])), generator=gen)
-            sd["model.diffusion_model." + name] = t
+    gain = lambda name: ATTN2_QK_GAIN if (".attn2.to_q." in name or ".attn2.to_k." in name) else 1.0  # noqa: E731
+    sd = {"model.diffusion_model." + k: v for k, v in seeded_init(unet.state_dict(), seed, gain).items()}
     return sd
 
 

@@ -10,30 +10,16 @@ import copy
 
 import pytest
 import torch
+from host_helpers import AE_DEFAULTS, load_host
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
-AE_DEFAULTS = dict(scale_factor=20.0, guided_fraction=0.5, scale_start=1.0, scale_end=0.5,
-                   refinement="0:0.05, 0.2:0.5, 0.4:0.8", max_refinement_steps=4, smoothing=True, kernel_size=3,
-                   smoothing_sigma=0.5, attention_resolution=0, token_slots="auto", record_maps=True)
 PROMPT, SUBJECTS = "a photo of a cat and a frog", "cat, frog"
 
 
 @pytest.fixture(scope="module")
 def host(comfy_inprocess, tiny_checkpoint):
-    import sys
-
-    import comfy_inprocess as ci
-
-    ci.load_pack()
-    pack = sys.modules["comfyui_attend_excite"]
-    from comfyui_attend_excite.nodes.encode import encode_subjects
-
-    model, clip, vae = comfy_inprocess.load_checkpoint(tiny_checkpoint)
-    with torch.inference_mode():
-        pos, table, spec = encode_subjects(clip, PROMPT, SUBJECTS)
-        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-    return dict(pack=pack, model=model, clip=clip, vae=vae, pos=pos, neg=neg, spec=spec, table=table)
+    return load_host(comfy_inprocess, tiny_checkpoint, PROMPT, SUBJECTS)
 
 
 def ksample(host, seed=3, steps=8, latent=None, positive=None, model=None, **ae):

@@ -1,0 +1,46 @@
+"""Shared pieces of the in-process host tests: loading the pack with the tiny checkpoint, seeded random init."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Mapping
+
+import torch
+
+AE_DEFAULTS = dict(scale_factor=20.0, guided_fraction=0.5, scale_start=1.0, scale_end=0.5,
+                   refinement="0:0.05, 0.2:0.5, 0.4:0.8", max_refinement_steps=4, smoothing=True, kernel_size=3,
+                   smoothing_sigma=0.5, attention_resolution=0, token_slots="auto", record_maps=True)
+
+
+def load_host(comfy_inprocess, tiny_checkpoint, prompt: str, subjects: str) -> dict:
+    """Import the pack as ComfyUI does, load the tiny checkpoint and encode ``prompt`` (+ an empty negative)."""
+    import comfy_inprocess as ci
+
+    ci.load_pack()
+    from comfyui_attend_excite.nodes.encode import encode_subjects
+
+    model, clip, vae = comfy_inprocess.load_checkpoint(tiny_checkpoint)
+    with torch.inference_mode():
+        pos, table, spec = encode_subjects(clip, prompt, subjects)
+        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    return dict(pack=sys.modules["comfyui_attend_excite"], model=model, clip=clip, vae=vae, pos=pos, neg=neg,
+                spec=spec, table=table)
+
+
+def seeded_init(tensors: Mapping[str, torch.Tensor], seed: int,
+                gain: Callable[[str], float] = lambda name: 1.0) -> dict[str, torch.Tensor]:
+    """Deterministic init: biases 0, 1-D weights 1, others ``N(0, gain(name) / sqrt(fan_in))``."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    with torch.no_grad():
+        for name, t in tensors.items():
+            t = t.detach().clone()
+            if name.endswith("bias"):
+                t.zero_()
+            elif t.ndim <= 1:
+                t.fill_(1.0)
+            else:
+                t.normal_(0.0, gain(name) / math.sqrt(math.prod(t.shape[1:])), generator=gen)
+            out[name] = t
+    return out
