@@ -65,7 +65,7 @@ class _LinearByRef(torch.autograd.Function):
     """``F.linear`` whose backward (to the input only) reads the weight by reference instead of saving it.
 
     Autograd refuses to *save* inference tensors; keeping a plain reference for ``grad_x = grad_y W`` is safe
-    because the weights are frozen during the pass. Saves a copy of every weight.
+    because the weights are frozen during the pass. No copy of the weight is made.
     """
 
     @staticmethod
@@ -164,19 +164,19 @@ class AutogradWeights:
 def loss_and_grad(
     forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     x: torch.Tensor,
-    weights: AutogradWeights | Iterable[nn.Module] = (),
+    weights: AutogradWeights | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run ``forward(x_leaf) -> (loss (B,), maxima (B, S))`` with autograd and return detached results.
 
-    ``weights``: an :class:`AutogradWeights` of the model, or modules for the per-pass weight-function trick.
+    ``weights``: the model's :class:`AutogradWeights` (``None``: the model's weights are already autograd-safe).
     Per-sample losses are summed before differentiating: samples do not interact in the UNet (group norm and
     attention are per sample), so each sample's gradient is that of its own loss, in one batched pass.
 
     Returns:
         ``(loss (B,), maxima (B, S), grad (like x))``; the gradient is zero where the loss does not depend on x.
     """
-    ctx = weights.active() if isinstance(weights, AutogradWeights) else autograd_safe_weights(list(weights))
-    with ctx, torch.inference_mode(False), torch.enable_grad():
+    with weights.active() if weights is not None else contextlib.nullcontext(), torch.inference_mode(False), \
+            torch.enable_grad():
         leaf = x.detach().clone().requires_grad_(True)
         loss, maxima = forward(leaf)
         if loss.requires_grad:

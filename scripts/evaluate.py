@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import logging
 import queue
@@ -303,22 +304,16 @@ class Models:
 
     def __init__(self, clip_path: str | None, blip_path: str | None, device: str) -> None:
         self.clip_path, self.blip_path, self.device = clip_path, blip_path, device
-        self._clip: ClipScorer | None = None
-        self._blip: BlipCaptioner | None = None
 
-    @property
+    @functools.cached_property
     def clip(self) -> ClipScorer:
-        if self._clip is None:
-            assert self.clip_path is not None
-            self._clip = ClipScorer(self.clip_path, self.device)
-        return self._clip
+        assert self.clip_path is not None
+        return ClipScorer(self.clip_path, self.device)
 
-    @property
+    @functools.cached_property
     def blip(self) -> BlipCaptioner:
-        if self._blip is None:
-            assert self.blip_path is not None
-            self._blip = BlipCaptioner(self.blip_path, self.device)
-        return self._blip
+        assert self.blip_path is not None
+        return BlipCaptioner(self.blip_path, self.device)
 
     def scores(self, image_path: Path, prompt: str) -> dict[str, Any]:
         """CLIP similarities (and BLIP caption + text-text similarity) of one image."""

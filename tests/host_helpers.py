@@ -28,6 +28,34 @@ def load_host(comfy_inprocess, tiny_checkpoint, prompt: str, subjects: str) -> d
                 spec=spec, table=table)
 
 
+def ksample(host: dict, seed: int = 3, steps: int = 8, latent: dict | None = None, positive=None, negative=None,
+            model=None, **ae):
+    """Run ``AttendExciteKSampler`` under inference mode (as ComfyUI's executor does); ``(samples, record)``."""
+    from comfyui_attend_excite.nodes.samplers import AttendExciteKSampler
+
+    params = {**AE_DEFAULTS, **ae}
+    latent = latent or {"samples": torch.zeros(1, 4, 32, 32)}
+    with torch.inference_mode():
+        out = AttendExciteKSampler.execute(model or host["model"], seed, steps, 5.0, "euler", "normal",
+                                           positive or host["pos"], negative or host["neg"], latent, 1.0, **params)
+    lat, record = out.args
+    return lat["samples"], record
+
+
+def weights_fingerprint(model) -> list[tuple[str, float, tuple[int, ...]]]:
+    """Per-tensor sums of a ModelPatcher's weights: equal before and after a run that left them alone."""
+    return [(k, float(v.float().sum()), tuple(v.shape)) for k, v in model.model.state_dict().items()]
+
+
+def no_leftovers(roots) -> bool:
+    """No comfy-op module keeps a weight/bias function or a forward override from a gradient pass."""
+    from attention.guidance import comfy_op_modules
+
+    mods = comfy_op_modules(roots)
+    return bool(mods) and all(not m.weight_function and not m.bias_function and "forward" not in m.__dict__
+                              for m in mods)
+
+
 def seeded_init(tensors: Mapping[str, torch.Tensor], seed: int,
                 gain: Callable[[str], float] = lambda name: 1.0) -> dict[str, torch.Tensor]:
     """Deterministic init: biases 0, 1-D weights 1, others ``N(0, gain(name) / sqrt(fan_in))``."""

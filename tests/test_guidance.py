@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from attention.guidance import autograd_safe_weights, comfy_op_modules, loss_and_grad
+from attention.guidance import AutogradWeights, autograd_safe_weights, comfy_op_modules, loss_and_grad
 
 
 class CastLinear(nn.Linear):
@@ -42,7 +42,7 @@ def test_gradient_under_inference_mode_matches_plain_autograd():
         x = torch.randn(2, 3)
         assert x.is_inference()
         loss, extra, grad = loss_and_grad(lambda leaf: (m(leaf).squeeze(-1), leaf.sum(-1, keepdim=True)), x,
-                                          comfy_op_modules([m]))
+                                          AutogradWeights([m], swap=False))
     ref_m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
     ref_m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()})
     xr = x.clone().requires_grad_(True)
@@ -57,7 +57,7 @@ def test_without_the_weight_trick_autograd_fails_on_inference_weights():
     with torch.inference_mode():
         x = torch.randn(2, 3)
         with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
-            loss_and_grad(lambda leaf: (m(leaf).squeeze(-1), leaf), x, ())
+            loss_and_grad(lambda leaf: (m(leaf).squeeze(-1), leaf), x)
 
 
 def test_weight_functions_are_removed_even_on_error_and_others_kept():
@@ -73,8 +73,6 @@ def test_weight_functions_are_removed_even_on_error_and_others_kept():
 
 
 def test_run_weights_are_active_only_during_a_pass():
-    from attention.guidance import AutogradWeights
-
     m = _model()
     m[2].comfy_cast_weights = True  # a layer that casts anyway (low-VRAM style) keeps the weight-function trick
     originals = {n: p for n, p in m.named_parameters()}
@@ -100,8 +98,6 @@ def test_run_weights_are_active_only_during_a_pass():
 
 
 def test_by_reference_layers_give_the_exact_input_gradient():
-    from attention.guidance import AutogradWeights
-
     torch.manual_seed(0)
 
     def build():

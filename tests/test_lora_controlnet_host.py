@@ -13,13 +13,10 @@ import math
 
 import pytest
 import torch
-from host_helpers import load_host, seeded_init
+from host_helpers import ksample, load_host, no_leftovers, seeded_init, weights_fingerprint
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
-AE_DEFAULTS = dict(scale_factor=20.0, guided_fraction=0.5, scale_start=1.0, scale_end=0.5, refinement="",
-                   max_refinement_steps=4, smoothing=True, kernel_size=3, smoothing_sigma=0.5,
-                   attention_resolution=0, token_slots="auto", record_maps=True)
 PROMPT, SUBJECTS = "a photo of a cat and a frog", "cat, frog"
 STEPS, SEED = 2, 3  # one guided step (guided_fraction 0.5), one gradient pass (no refinement)
 
@@ -32,19 +29,12 @@ LORA_RANK = 4
 @pytest.fixture(scope="module")
 def host(comfy_inprocess, tiny_checkpoint):
     loaded = load_host(comfy_inprocess, tiny_checkpoint, PROMPT, SUBJECTS)
-    return {**loaded, "fingerprint": _weights_fingerprint(loaded["model"])}
+    return {**loaded, "fingerprint": weights_fingerprint(loaded["model"])}
 
 
-def ksample(host, model=None, positive=None, negative=None, seed=SEED, steps=STEPS, **ae):
-    from comfyui_attend_excite.nodes.samplers import AttendExciteKSampler
-
-    params = {**AE_DEFAULTS, **ae}
-    with torch.inference_mode():
-        out = AttendExciteKSampler.execute(model or host["model"], seed, steps, 5.0, "euler", "normal",
-                                           positive or host["pos"], negative or host["neg"],
-                                           {"samples": torch.zeros(1, 4, 32, 32)}, 1.0, **params)
-    lat, record = out.args
-    return lat["samples"], record
+def run(host, seed=SEED, steps=STEPS, **kw):
+    """One guided step without refinement: exactly one gradient pass."""
+    return ksample(host, seed=seed, steps=steps, **{"refinement": "", **kw})
 
 
 def step0_loss(record) -> float:
@@ -55,20 +45,9 @@ def step0_loss(record) -> float:
 @pytest.fixture(scope="module")
 def plain_run(host):
     """A&E without LoRA or ControlNet: the reference for both."""
-    samples, record = ksample(host)
+    samples, record = run(host)
     assert torch.isfinite(samples).all()
     return samples, step0_loss(record)
-
-
-def _weights_fingerprint(model):
-    return [(k, float(v.float().sum()), tuple(v.shape)) for k, v in model.model.state_dict().items()]
-
-
-def _no_leftover_weight_functions(roots) -> bool:
-    from attention.guidance import comfy_op_modules
-
-    mods = comfy_op_modules(roots)
-    return bool(mods) and all(not m.weight_function and not m.bias_function for m in mods)
 
 
 # ---------------------------------------------------------------- LoRA
@@ -107,7 +86,7 @@ def test_ae_runs_with_a_lora_and_its_gradient_pass_sees_it(host, plain_run, lora
     model = host["model"]
     patches, uuid = {k: list(v) for k, v in model.patches.items()}, model.patches_uuid
 
-    samples, record = ksample(host, model=lora_model)
+    samples, record = run(host, model=lora_model)
     assert torch.isfinite(samples).all()
     assert record.guided_steps == 1 and sorted(record.losses) == [0]
     lora_loss = step0_loss(record)
@@ -118,18 +97,18 @@ def test_ae_runs_with_a_lora_and_its_gradient_pass_sees_it(host, plain_run, lora
 
     # the un-LoRA'd model is left as found: no patches, and the next run on it is the plain run, bit for bit
     assert {k: list(v) for k, v in model.patches.items()} == patches and model.patches_uuid == uuid
-    again, again_record = ksample(host)
+    again, again_record = run(host)
     assert torch.equal(again, plain_samples)
     assert step0_loss(again_record) == plain_loss
-    assert _weights_fingerprint(model) == host["fingerprint"]
-    assert _no_leftover_weight_functions([model.model])
+    assert weights_fingerprint(model) == host["fingerprint"]
+    assert no_leftovers([model.model])
     assert not any(p.grad is not None for p in model.model.parameters())
 
 
 def test_plain_mode_with_a_lora_is_bit_identical_to_ksampler(host, lora_model):
     import nodes as comfy_nodes
 
-    samples, record = ksample(host, model=lora_model, scale_factor=0.0, seed=11)
+    samples, record = run(host, model=lora_model, scale_factor=0.0, seed=11)
     assert not record.losses
     with torch.inference_mode():
         (ref,) = comfy_nodes.common_ksampler(lora_model, 11, STEPS, 5.0, "euler", "normal", host["pos"],
@@ -192,7 +171,7 @@ def test_ae_runs_with_a_controlnet_in_its_gradient_pass(host, plain_run, control
     control_model = controlnet.control_model
     params = [(m, name, p) for m in control_model.modules() for name, p in m._parameters.items()]
 
-    samples, record = ksample(host, positive=pos, negative=neg)
+    samples, record = run(host, positive=pos, negative=neg)
     assert torch.isfinite(samples).all()
     assert record.guided_steps == 1 and sorted(record.losses) == [0]
     cn_loss = step0_loss(record)
@@ -202,8 +181,8 @@ def test_ae_runs_with_a_controlnet_in_its_gradient_pass(host, plain_run, control
     assert not torch.equal(samples, plain_samples)
 
     # the ControlNet (shared by every copy of the control object) is left as found
-    assert _no_leftover_weight_functions([control_model])
+    assert no_leftovers([control_model])
     assert all(m._parameters[name] is p for m, name, p in params)
     assert not any(p.grad is not None for p in control_model.parameters())
-    assert _no_leftover_weight_functions([host["model"].model])
+    assert no_leftovers([host["model"].model])
 

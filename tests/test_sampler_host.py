@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from host_helpers import AE_DEFAULTS, load_host
+from host_helpers import ksample, load_host, no_leftovers, weights_fingerprint
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
@@ -20,18 +20,6 @@ PROMPT, SUBJECTS = "a photo of a cat and a frog", "cat, frog"
 @pytest.fixture(scope="module")
 def host(comfy_inprocess, tiny_checkpoint):
     return load_host(comfy_inprocess, tiny_checkpoint, PROMPT, SUBJECTS)
-
-
-def ksample(host, seed=3, steps=8, latent=None, positive=None, model=None, **ae):
-    from comfyui_attend_excite.nodes.samplers import AttendExciteKSampler
-
-    params = {**AE_DEFAULTS, **ae}
-    latent = latent or {"samples": torch.zeros(1, 4, 32, 32)}
-    with torch.inference_mode():
-        out = AttendExciteKSampler.execute(model or host["model"], seed, steps, 5.0, "euler", "normal",
-                                           positive or host["pos"], host["neg"], latent, 1.0, **params)
-    lat, record = out.args
-    return lat["samples"], record
 
 
 def min_subject_attention(record, step):
@@ -84,23 +72,16 @@ def test_identical_runs_are_bit_identical(host):
     assert torch.equal(a, b)
 
 
-def _weights_fingerprint(model):
-    return [(k, float(v.float().sum()), tuple(v.shape)) for k, v in model.model.state_dict().items()]
-
-
 def test_input_model_is_left_as_found(host):
-    from attention.guidance import comfy_op_modules
-
     model = host["model"]
     options = copy.deepcopy(model.model_options)
-    before = _weights_fingerprint(model)
+    before = weights_fingerprint(model)
     patches_uuid = model.patches_uuid
     ksample(host, steps=4)
     assert model.model_options == options
     assert model.patches_uuid == patches_uuid
-    assert _weights_fingerprint(model) == before
-    mods = comfy_op_modules([model.model])
-    assert mods and all(not m.weight_function and not m.bias_function for m in mods)
+    assert weights_fingerprint(model) == before
+    assert no_leftovers([model.model])
     assert not any(p.requires_grad and p.grad is not None for p in model.model.parameters())
 
 
@@ -113,8 +94,6 @@ def test_batch_of_two_gets_per_sample_losses(host):
 
 def test_interrupt_inside_refinement_cleans_up(host):
     import comfy.model_management as mm
-
-    from attention.guidance import comfy_op_modules
 
     model = host["model"]
     calls = {"n": 0}
@@ -135,8 +114,7 @@ def test_interrupt_inside_refinement_cleans_up(host):
         finally:
             mm.throw_exception_if_processing_interrupted = original
     assert calls["n"] == 3
-    mods = comfy_op_modules([model.model])
-    assert all(not m.weight_function and not m.bias_function for m in mods)
+    assert no_leftovers([model.model])
     # and the next run works
     samples, _ = ksample(host, steps=2, refinement="")
     assert torch.isfinite(samples).all()

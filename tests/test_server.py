@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from comfy_server import ComfyError, ui_to_api
+from comfy_server import ComfyError
 from PIL import Image
+from run_demo import build_prompt
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
@@ -24,17 +24,13 @@ def pixels(server, ref) -> np.ndarray:
 
 
 def workflow_prompt(server, seed=42, steps=4, size=256, subjects=None):
-    prompt = ui_to_api(json.loads(WORKFLOW.read_text()), server.object_info())
+    """The shipped workflow as the demo builds it, with a refinement cap of 3 and optionally other subjects."""
+    prompt = build_prompt(server, WORKFLOW, CKPT, steps, size, seed)
     for node in prompt.values():
-        inputs = node["inputs"]
-        if node["class_type"] == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = CKPT
-        elif node["class_type"] == "AttendExciteKSampler":
-            inputs.update(seed=seed, steps=steps, max_refinement_steps=3)
-        elif node["class_type"] == "EmptyLatentImage":
-            inputs.update(width=size, height=size)
+        if node["class_type"] == "AttendExciteKSampler":
+            node["inputs"]["max_refinement_steps"] = 3
         elif node["class_type"] == "AttendExciteTextEncode" and subjects is not None:
-            inputs["subjects"] = subjects
+            node["inputs"]["subjects"] = subjects
     return prompt
 
 
