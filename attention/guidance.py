@@ -1,10 +1,10 @@
 """The gradient island: the only place this pack runs autograd.
 
 ComfyUI runs every node under ``torch.inference_mode()``; latents, conds and model weights are inference tensors,
-which autograd can neither track nor save. Here we leave inference mode, make the latent a fresh leaf, and make
-every comfy-op module cast a normal copy of its weights for the duration of the pass (a function appended to its
-``weight_function``/``bias_function`` lists forces that copy path in ``comfy.ops``). Pure torch: the modules are
-duck-typed, so this runs without ComfyUI.
+which autograd can neither track nor save. Here we leave inference mode, make the latent a fresh leaf, and, for the
+duration of each pass only, give the layers autograd-safe weights without copying them: parameters are swapped for
+normal tensors aliasing the same storage, and layers that cast their weights anyway get a weight function that
+keeps the cast copy safe to save. Pure torch: the modules are duck-typed, so this runs without ComfyUI.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -61,63 +60,33 @@ def autograd_safe_weights(modules: Iterable[nn.Module]) -> Iterator[None]:
                     break
 
 
-class _LinearByRef(torch.autograd.Function):
-    """``F.linear`` whose backward (to the input only) reads the weight by reference instead of saving it.
+def alias(t: torch.Tensor) -> torch.Tensor:
+    """A normal (non-inference) tensor that shares ``t``'s storage: no copy is made.
 
-    Autograd refuses to *save* inference tensors; keeping a plain reference for ``grad_x = grad_y W`` is safe
-    because the weights are frozen during the pass. No copy of the weight is made.
+    Autograd refuses to save inference tensors for backward, but it may save this alias. Safe here because the
+    weights are frozen while a gradient pass runs. Call outside inference mode.
     """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.weight = weight
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return grad_out @ ctx.weight, None, None
-
-
-class _Conv2dByRef(torch.autograd.Function):
-    """``F.conv2d`` with an input-only backward that reads the weight by reference (see :class:`_LinearByRef`)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        ctx.weight, ctx.shape, ctx.conf = weight, x.shape, (stride, padding, dilation, groups)
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad = torch.nn.grad.conv2d_input(ctx.shape, ctx.weight, grad_out, *ctx.conf)
-        return grad, None, None, None, None, None, None
-
-
-def _by_ref_forward(m: nn.Module):
-    """A forward for ``m`` that differentiates to its input without saving its weights, or ``None``."""
-    if isinstance(m, nn.Linear):
-        return lambda x: _LinearByRef.apply(x, m.weight, m.bias)
-    if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
-        return lambda x: _Conv2dByRef.apply(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
-    return None
+    out = torch.empty(0, dtype=t.dtype, device=t.device)
+    return out.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
 class AutogradWeights:
     """Makes a model's weights usable by autograd for the gradient passes of one sampling run.
 
     Per module, for the duration of each gradient pass only (always restored in ``finally``):
-    - linear and conv layers on ComfyUI's plain fast path run a forward whose backward reads the weight by
-      reference (no copy at all);
-    - other layers with inference-tensor parameters (norms, ...) get normal-tensor copies, made once per run;
+    - parameters that are inference tensors are swapped for normal tensors that alias the same storage
+      (:func:`alias`: no copy, the layers keep their native forward and backward);
     - layers that cast their weights anyway (low-VRAM partial loading, LoRA applied on the fly, manual casting)
       get the weight-function trick of :func:`autograd_safe_weights`.
 
     ``swap=False`` uses the weight-function trick everywhere (needed when hooks may re-patch weights mid-run);
-    ``by_reference=False`` copies linear/conv weights too (one copy per run: more memory, fewer Python calls).
+    ``by_reference=False`` swaps in copies made once per run instead of aliases (the model's size again in memory;
+    kept for comparison in the benchmark).
     """
 
     def __init__(self, roots: Iterable[nn.Module], swap: bool = True, by_reference: bool = True) -> None:
-        self.forwards: list[tuple[nn.Module, Callable]] = []
-        self.swaps: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
+        self.by_reference = by_reference
+        self.swaps: list[list] = []  # [module, name, original parameter, stand-in]
         self.cast_modules: list[nn.Module] = []
         seen: set[int] = set()
         with torch.inference_mode(False):
@@ -131,32 +100,30 @@ class AutogradWeights:
                     if isinstance(wf, list) and isinstance(bf, list) and (casts or not swap):
                         self.cast_modules.append(m)
                         continue
-                    params = [(n, p) for n, p in m._parameters.items() if p is not None and p.is_inference()]
-                    if not params:
-                        continue
-                    fwd = _by_ref_forward(m) if by_reference and "forward" not in m.__dict__ else None
-                    if fwd is not None:
-                        self.forwards.append((m, fwd))
-                        continue
-                    for name, p in params:
-                        self.swaps.append((m, name, p, nn.Parameter(p.detach().clone(), requires_grad=False)))
+                    for name, p in m._parameters.items():
+                        if p is not None and p.is_inference():
+                            self.swaps.append([m, name, p, self._stand_in(p)])
+
+    def _stand_in(self, p: torch.Tensor) -> nn.Parameter:
+        data = alias(p) if self.by_reference else p.detach().clone()
+        return nn.Parameter(data, requires_grad=False)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
-        overridden: list[nn.Module] = []
         try:
-            for m, fwd in self.forwards:
-                m.forward = fwd
-                overridden.append(m)
-            for m, name, original, copy in self.swaps:
-                m._parameters[name] = copy
-                swapped.append((m, name, original))
+            with torch.inference_mode(False):
+                for entry in self.swaps:
+                    m, name, original, stand_in = entry
+                    current = m._parameters[name]
+                    if current is not original:  # re-patched since the run began: follow the module's parameter
+                        entry[2], entry[3] = current, self._stand_in(current)
+                        original, stand_in = entry[2], entry[3]
+                    m._parameters[name] = stand_in
+                    swapped.append((m, name, original))
             with autograd_safe_weights(self.cast_modules):
                 yield
         finally:
-            for m in overridden:
-                del m.forward
             for m, name, original in swapped:
                 m._parameters[name] = original
 

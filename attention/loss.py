@@ -48,8 +48,9 @@ def resoftmax(attn: torch.Tensor, slots: torch.Tensor, temperature: float = 100.
     Returns:
         ``(..., slots.sum())`` float32.
     """
-    # index_select with freshly built indices: a mask made under inference mode cannot be saved for backward
-    idx = torch.nonzero(slots.to(attn.device)).flatten().clone()
+    # index_select with freshly built indices (a mask made under inference mode cannot be saved for backward),
+    # found on the CPU: nonzero on a GPU tensor would wait for the device
+    idx = torch.nonzero(slots.cpu()).flatten().to(attn.device)
     return torch.softmax(attn.float().index_select(-1, idx) * temperature, dim=-1)
 
 

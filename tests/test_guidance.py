@@ -77,27 +77,43 @@ def test_run_weights_are_active_only_during_a_pass():
     m[2].comfy_cast_weights = True  # a layer that casts anyway (low-VRAM style) keeps the weight-function trick
     originals = {n: p for n, p in m.named_parameters()}
     weights = AutogradWeights([m])
-    assert m[2] in weights.cast_modules and [f[0] for f in weights.forwards] == [m[0]]
+    assert m[2] in weights.cast_modules and [(s[0], s[1]) for s in weights.swaps] == [(m[0], "weight"),
+                                                                                          (m[0], "bias")]
     with torch.inference_mode():
         x = torch.randn(2, 3)
 
         def forward(leaf):
-            assert "forward" in m[0].__dict__  # the by-reference forward: no copy of the weight at all
-            assert m[0].weight is originals["0.weight"] and m[0].weight.is_inference()
+            w = m[0].weight  # a normal tensor on the very same memory: no copy of the weight at all
+            assert w is not originals["0.weight"] and not w.is_inference()
+            assert w.data_ptr() == originals["0.weight"].data_ptr()
             assert len(m[2].weight_function) == 1
             return m(leaf).squeeze(-1), leaf
 
         loss, _, grad = loss_and_grad(forward, x, weights)
         assert grad.abs().sum() > 0
     assert {n: p for n, p in m.named_parameters()} == originals
-    assert m[2].weight_function == [] and "forward" not in m[0].__dict__
+    assert m[2].weight_function == []
     with pytest.raises(ValueError):
         with weights.active():
             raise ValueError
-    assert "forward" not in m[0].__dict__
+    assert {n: p for n, p in m.named_parameters()} == originals
 
 
-def test_by_reference_layers_give_the_exact_input_gradient():
+def test_aliases_follow_a_parameter_replaced_between_passes():
+    m = _model()
+    weights = AutogradWeights([m])
+    with torch.inference_mode():
+        x = torch.randn(2, 3)
+        _, _, g1 = loss_and_grad(lambda leaf: (m(leaf).squeeze(-1), leaf), x, weights)
+        new = torch.nn.Parameter(m[2].weight * 2, requires_grad=False)  # as a weight patcher replacing it would
+    m[2]._parameters["weight"] = new
+    with torch.inference_mode():
+        _, _, g2 = loss_and_grad(lambda leaf: (m(leaf).squeeze(-1), leaf), x, weights)
+    assert torch.allclose(g2, 2 * g1, atol=1e-6) and m[2].weight is new
+
+
+@pytest.mark.parametrize("by_reference", [True, False])
+def test_aliased_and_copied_weights_give_the_exact_input_gradient(by_reference):
     torch.manual_seed(0)
 
     def build():
@@ -110,8 +126,10 @@ def test_by_reference_layers_give_the_exact_input_gradient():
         inf = build().double()
         inf.load_state_dict(ref.state_dict())
         x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
-        weights = AutogradWeights([inf])
-        assert len(weights.forwards) == 3 and len(weights.swaps) == 4  # convs + linear by ref; norms copied
+        weights = AutogradWeights([inf], by_reference=by_reference)
+        assert len(weights.swaps) == 10  # weight and bias of 2 convs, 1 linear and 2 norms
+        shared = [s[3].data_ptr() == s[2].data_ptr() for s in weights.swaps]
+        assert shared == [by_reference] * 10
         _, _, grad = loss_and_grad(lambda leaf: ((inf(leaf) ** 2).sum(-1), leaf), x, weights)
     xr = x.clone().requires_grad_(True)
     (gr,) = torch.autograd.grad((ref(xr) ** 2).sum(), xr)
