@@ -3,8 +3,9 @@
 
 Two patch kinds:
 - ``GradCapture``: the gradient pass. At the target resolution it computes softmax(q k^T / sqrt(d)) explicitly
-  (float32) so the map stays in the autograd graph, and stops the forward right after the last target layer.
-  Elsewhere it defers to ComfyUI's optimized attention.
+  (float32) so the map stays in the autograd graph, and stops the forward right after the last target layer (or,
+  while the target layers are not known yet, at the first decoder layer finer than the target level). Elsewhere it
+  defers to ComfyUI's optimized attention.
 - ``MapRecorder``: the ordinary denoising passes. Output comes from ComfyUI's optimized attention unchanged (plain
   sampling stays bit-identical); the cond branch's probabilities are recomputed on the side without gradients.
 """
@@ -82,6 +83,10 @@ class GradCapture:
             heads = extra_options["n_heads"]
             hw = _hw(extra_options, q.shape[1])
             self.seen[key] = hw
+            if key[0] == "output" and self.maps and hw[0] * hw[1] > self.target_hw[0] * self.target_hw[1]:
+                raise StopForward()  # the decoder only gets finer from here: no later layer is at the target level
+            if key == self.stop_after and hw != self.target_hw:
+                raise StopForward()  # nothing of this layer feeds the loss
             if hw != self.target_hw:
                 return self.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
                                                 transformer_options=extra_options)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 COND_KEY = "attend_excite"
 TOKEN_SLOT_MODES = ("auto", "all_but_bos_last", "prompt")
+BLOCK_CHOICES = ("all", "down_mid")
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,10 @@ class AEConfig:
     kernel_size: int = 3
     sigma: float = 0.5
     attention_resolution: int = 0  # 0 = auto: the level at latent size / 4
+    attention_blocks: str = "all"  # "down_mid": only the encoder and middle layers; the pass stops before the decoder
     token_slots: str = "auto"
     record_maps: bool = True
-    weights_by_reference: bool = True  # False: one weight copy per run (more memory, fewer Python calls per pass)
+    weights_by_reference: bool = True  # False: one weight copy per run instead of aliases (the model size again)
     node: str = field(default="AttendExciteSampler", compare=False)
 
     def validate(self) -> None:
@@ -55,6 +57,8 @@ class AEConfig:
             raise ValueError(f"{self.node}: unknown sampler {self.sampler_name!r}.")
         if self.token_slots not in TOKEN_SLOT_MODES:
             raise ValueError(f"{self.node}: token_slots must be one of {TOKEN_SLOT_MODES}.")
+        if self.attention_blocks not in BLOCK_CHOICES:
+            raise ValueError(f"{self.node}: attention_blocks must be one of {BLOCK_CHOICES}.")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"{self.node}: kernel_size must be odd (the paper uses 3).")
 
@@ -77,6 +81,14 @@ def target_resolution(latent_hw: tuple[int, int], resolution: int, node: str) ->
             return hw
     raise ValueError(f"{node}: attention_resolution {resolution} does not exist for a {h}x{w} latent; levels are "
                      f"{sorted({max(x) for x in levels}, reverse=True)}. Use one of them or 0 (auto).")
+
+
+def select_blocks(keys: list[LayerKey], blocks: str) -> list[LayerKey]:
+    """The cross-attention layers whose maps may feed the loss: ``all``, or ``down_mid`` (encoder and middle
+    block only, so the gradient pass never runs the decoder)."""
+    if blocks == "down_mid":
+        return [k for k in keys if k[0] != "output"]
+    return list(keys)
 
 
 def _control_modules(conds: list[dict]) -> list[torch.nn.Module]:
@@ -117,7 +129,7 @@ class _Run:
         self.target_hw = target_resolution(tuple(x.shape[-2:]), cfg.attention_resolution, cfg.node)
         replaced = self.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
         self.keys: list[LayerKey] = []
-        for key in attn2_keys(self.base.diffusion_model):
+        for key in select_blocks(attn2_keys(self.base.diffusion_model), cfg.attention_blocks):
             if key in replaced or key[:2] in replaced:
                 log.warning("%s: attn2 of %s is already replaced by another node; A&E leaves it alone and does "
                             "not read its map", cfg.node, layer_name(key))
@@ -149,7 +161,7 @@ class _Run:
         comfy.model_management.throw_exception_if_processing_interrupted()
         first = self.target_keys is None
         keys = self.keys if first else self.target_keys
-        capture = GradCapture(self.target_hw, None if first else keys[-1], comfy_attention.optimized_attention)
+        capture = GradCapture(self.target_hw, keys[-1] if keys else None, comfy_attention.optimized_attention)
         mo = self._options(capture.patch, keys, grad=True)
         cfg = self.cfg
 

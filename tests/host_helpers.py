@@ -10,7 +10,8 @@ import torch
 
 AE_DEFAULTS = dict(scale_factor=20.0, guided_fraction=0.5, scale_start=1.0, scale_end=0.5,
                    refinement="0:0.05, 0.2:0.5, 0.4:0.8", max_refinement_steps=4, smoothing=True, kernel_size=3,
-                   smoothing_sigma=0.5, attention_resolution=0, token_slots="auto", record_maps=True)
+                   smoothing_sigma=0.5, attention_resolution=0, token_slots="auto", record_maps=True,
+                   attention_blocks="all")
 
 
 def load_host(comfy_inprocess, tiny_checkpoint, prompt: str, subjects: str) -> dict:

@@ -85,6 +85,33 @@ def test_input_model_is_left_as_found(host):
     assert not any(p.requires_grad and p.grad is not None for p in model.model.parameters())
 
 
+@pytest.mark.parametrize("blocks", ["all", "down_mid"])
+def test_attention_blocks_choose_the_layers_and_where_the_gradient_pass_stops(host, blocks):
+    unet = host["model"].model.diffusion_model
+    grad_calls = {"input": 0, "output": 0}
+
+    def counter(name):
+        def hook(_module, _args):
+            grad_calls[name] += torch.is_grad_enabled()  # only gradient passes run with autograd on
+        return hook
+
+    # the UNet calls the layers inside its blocks, not the block containers
+    handles = [unet.input_blocks[0][0].register_forward_pre_hook(counter("input")),
+               unet.output_blocks[0][0].register_forward_pre_hook(counter("output"))]
+    try:
+        _, rec = ksample(host, steps=4, refinement="", attention_blocks=blocks)
+    finally:
+        for h in handles:
+            h.remove()
+    assert sorted(rec.losses) == [0, 1] and grad_calls["input"] == 2  # one gradient pass per guided step
+    encoder = ["input.7.0", "input.8.0"]  # the 8x8 level of the SD1.5 layout (the middle block is at 4x4)
+    if blocks == "down_mid":  # the gradient passes never run the decoder
+        assert rec.layers == encoder and grad_calls["output"] == 0
+    else:
+        assert rec.layers == encoder + ["output.3.0", "output.4.0", "output.5.0"]
+        assert grad_calls["output"] == 2
+
+
 def test_batch_of_two_gets_per_sample_losses(host):
     samples, rec = ksample(host, steps=4, latent={"samples": torch.zeros(2, 4, 32, 32)}, refinement="")
     assert samples.shape == (2, 4, 32, 32)
