@@ -93,7 +93,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--diffusers", action="store_true", help="also time diffusers' pipelines (sd15 only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", choices=("reference", "copy"), default="reference",
-                   help="gradient-pass weights: by reference (no copy, default) or one copy per run")
+                   help="gradient-pass weights: reference = normal tensors aliasing the model's own weights (no "
+                        "copy, the default) or copy = one copy per run")
+    p.add_argument("--blocks", choices=("all", "down_mid"), default="all",
+                   help="AEConfig.attention_blocks: which cross-attention layers of the level feed the loss")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0 = torch's default); fewer than the cores helps on a busy machine")
     p.add_argument("--budget-s", type=float, default=0.0,
@@ -101,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="write the JSON lines here too")
     p.add_argument("--append", action="store_true", help="append to --out instead of overwriting it")
     p.add_argument("--markdown", type=Path, help="write the Markdown table here too")
+    p.add_argument("--profile", type=Path,
+                   help="folder: after the timed runs of each A&E mode, profile one more run with torch.profiler "
+                        "and write its top operators and kernels there (not part of the timings)")
     p.add_argument("--table-from", type=Path, help="only turn an existing JSONL file into the Markdown table")
     p.add_argument("--comfy-root", help="ComfyUI source folder (default: $COMFYUI_ROOT, else <repo>/.comfyui)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, including the pack's own")
@@ -171,6 +177,12 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _mode_label(row: dict) -> str:
+    mode = str(row.get("mode"))
+    blocks = row.get("attention_blocks", "all")
+    return mode if mode == "plain" or row.get("system") != "comfyui" or blocks == "all" else f"{mode} ({blocks})"
+
+
 def markdown_table(rows: list[dict]) -> str:
     if not rows:
         return "_no measurements_\n"
@@ -185,7 +197,7 @@ def markdown_table(rows: list[dict]) -> str:
         ratio_d = r.get("ratio_ours_to_diffusers")
         lines.append("| " + " | ".join([
             str(r.get("system")), str(r.get("arch")), str(r.get("model")), str(r.get("batch")),
-            f"{r.get('size')}²", str(r.get("steps")), str(r.get("mode")), _fmt(r.get("median_s"), 3),
+            f"{r.get('size')}²", str(r.get("steps")), _mode_label(r), _fmt(r.get("median_s"), 3),
             _fmt(r.get("ratio_to_plain")), _fmt(r.get("grad_passes")), _fmt(r.get("extra_s_per_pass"), 4),
             _fmt(r.get("peak_gib")), _fmt(ratio_d),
         ]) + " |")
@@ -299,6 +311,8 @@ def setup_comfy(comfy_root: str | None, cpu: bool) -> None:
 def import_pack() -> types.SimpleNamespace:
     return types.SimpleNamespace(
         sampling=importlib.import_module(f"{PACK}.nodes.sampling"),
+        capture=importlib.import_module(f"{PACK}.nodes.capture"),
+        loss=importlib.import_module(f"{PACK}.attention.loss"),
         tokens=importlib.import_module(f"{PACK}.attention.tokens"),
         record=importlib.import_module(f"{PACK}.attention.record"),
         schedule=importlib.import_module(f"{PACK}.attention.schedule"),
@@ -542,7 +556,8 @@ class Bench:
         log.info("%s/%s: ComfyUI model %s, %.1f M parameters, %s, latent %dx%d (built in %.1f s)", arch, variant,
                  model_class, params / 1e6, self.meta["dtype"], side, side, time.perf_counter() - t0)
         info = {"model": variant, "model_class": model_class, "unet_params_m": round(params / 1e6, 1),
-                "size": size, "latent": side, "sampler": "euler/normal", "weights": args.weights}
+                "size": size, "latent": side, "sampler": "euler/normal", "weights": args.weights,
+                "attention_blocks": args.blocks}
         sampling = self.pack.sampling
         target = sampling.target_resolution((side, side), 0, "bench")
         ms = model.get_model_object("model_sampling")
@@ -609,6 +624,8 @@ class Bench:
                                           self.deadline)
         finally:
             counter.close()
+        if args.profile and mode != "plain":
+            self.profile(lambda: run(make(None)), f"{arch}_b{batch}_{mode}_{args.blocks}_{args.weights}")
         forwards = counter.count // max(len(times), 1)
         record_passes = None
         if record is not None and len(warm_sigmas) == len(sigmas) and hasattr(record, "losses"):
@@ -633,6 +650,22 @@ class Bench:
         self.emitter.emit(self.row("comfyui", arch, batch, mode, times, peak, plain,
                                    forwards if mode != "plain" else 0, **extra))
         return median
+
+    def profile(self, run: Callable[[], Any], name: str) -> None:
+        """One profiled run: operator/kernel table by device time (CPU time on the CPU) into ``--profile``."""
+        from torch.profiler import ProfilerActivity, profile
+
+        torch = self.torch
+        cuda = self.device.type == "cuda"
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            run()
+            sync(self.device)
+        self.args.profile.mkdir(parents=True, exist_ok=True)
+        path = self.args.profile / f"{name}.txt"
+        sort = "cuda_time_total" if cuda else "cpu_time_total"
+        path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
+        log.info("profile written to %s (torch %s)", path, torch.__version__)
 
     def comfy_inputs(self, arch: str, batch: int, side: int):
         import comfy.sample
@@ -662,10 +695,12 @@ class Bench:
             return lambda record: comfy.samplers.sampler_object("euler")
         if mode == "ae_no_refine":
             cfg = sampling.AEConfig(sampler_name="euler", refinement=(), record_maps=False,
-                                    weights_by_reference=self.args.weights == "reference")
+                                    weights_by_reference=self.args.weights == "reference",
+                                    attention_blocks=self.args.blocks)
         else:
             cfg = sampling.AEConfig(sampler_name="euler", record_maps=False,
-                                    weights_by_reference=self.args.weights == "reference")
+                                    weights_by_reference=self.args.weights == "reference",
+                                    attention_blocks=self.args.blocks)
         return lambda record: sampling.make_sampler(cfg, record)
 
     # ---- diffusers ----

@@ -6,13 +6,15 @@
 #   .whl/      wheels of torchsde, trampoline and diffusers (installed here into /tmp/site, no network needed)
 #   .comfyui/  the ComfyUI 0.3.75 source (scripts/bootstrap.sh creates it)
 #
-#   [BENCH_COMMIT=<sha>] bash benchmarks/run_gpu.sh [all|sd15|sd15-b1|sd15-b4|sdxl]
+#   [BENCH_COMMIT=<sha>] bash benchmarks/run_gpu.sh [all|sd15|sd15-b1|sd15-b4|sdxl|sdxl-down-mid]
 #
-# Order under "all": sd15 batch 1 (+ diffusers), sdxl batch 1, sd15 batch 4 (+ diffusers); 50 steps each.
+# Order under "all": sd15 batch 1 (+ diffusers), sdxl batch 1, sdxl batch 1 with attention_blocks=down_mid,
+# sd15 batch 4 (+ diffusers); 50 steps each.
 # Results go to $OUT (default ./bench_out): results.jsonl (one JSON object per measurement), table.md, bench.log.
 # Environment: REPEATS (3), WARMUP_STEPS (10; the untimed warm-up run per measurement), BENCH_BUDGET_S (520: no
 # measurement starts later than this many seconds after the script started; keep it ~80 s under the command's time
-# limit), COMFYUI_ROOT (./.comfyui), BENCH_COMMIT (the commit to report when .git is not carried); for a dry run
+# limit), PROFILE (1: also write a torch.profiler table of one run per A&E measurement to $OUT/profile),
+# WEIGHTS (reference|copy), COMFYUI_ROOT (./.comfyui), BENCH_COMMIT (the commit to report when .git is not carried); for a dry run
 # on a CPU-only machine: BENCH_DEVICE=cpu STEPS=4 REPEATS=1 WARMUP_STEPS=2.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,7 +32,10 @@ LOG="$OUT/bench.log"
 : > "$LOG"
 rm -f "$OUT/results.jsonl"
 
-case "$PART" in all|sd15|sd15-b1|sd15-b4|sdxl) ;; *) echo "unknown part '$PART' (all|sd15|sd15-b1|sd15-b4|sdxl)" >&2; exit 2 ;; esac
+case "$PART" in all|sd15|sd15-b1|sd15-b4|sdxl|sdxl-down-mid) ;;
+  *) echo "unknown part '$PART' (all|sd15|sd15-b1|sd15-b4|sdxl|sdxl-down-mid)" >&2; exit 2 ;; esac
+EXTRA=(--weights "${WEIGHTS:-reference}")
+if [ "${PROFILE:-0}" = 1 ]; then EXTRA+=(--profile "$OUT/profile"); fi
 
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -63,7 +68,8 @@ bench() {
   fi
   echo "== bench.py $* (budget ${left}s)" >> "$LOG"
   python3 benchmarks/bench.py --device "$DEVICE" --steps "$STEPS" --repeats "$REPEATS" --warmup-steps "$WARMUP_STEPS" \
-    --budget-s "$left" --comfy-root "$COMFYUI_ROOT" --out "$OUT/results.jsonl" --append "$@" > /dev/null 2>> "$LOG" \
+    --budget-s "$left" --comfy-root "$COMFYUI_ROOT" --out "$OUT/results.jsonl" --append "${EXTRA[@]}" "$@" \
+    > /dev/null 2>> "$LOG" \
     || { echo "bench.py $* exited with $?" | tee -a "$LOG" >&2; RC=1; }
   if [ -s "$OUT/results.jsonl" ]; then
     python3 benchmarks/bench.py --table-from "$OUT/results.jsonl" --markdown "$OUT/table.md" > /dev/null
@@ -72,6 +78,7 @@ bench() {
 
 case "$PART" in all|sd15|sd15-b1) bench --arch sd15 --batch 1 --diffusers ;; esac
 case "$PART" in all|sdxl) bench --arch sdxl --batch 1 ;; esac
+case "$PART" in all|sdxl-down-mid) bench --arch sdxl --batch 1 --blocks down_mid ;; esac
 case "$PART" in all|sd15|sd15-b4) bench --arch sd15 --batch 4 --diffusers ;; esac
 
 echo "== done after $(( $(date +%s) - START ))s, rc=$RC" >> "$LOG"

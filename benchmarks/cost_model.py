@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""What one A&E gradient pass costs next to one plain sampling step, counted on the real UNet layouts.
+
+Nothing is run for real: ComfyUI's ``UNetModel`` for SD1.5 or SDXL is built on the ``meta`` device (no weights,
+no memory, any machine) and driven through the same capture patches, early stop and loss as the sampler's gradient
+pass. Per pass it counts
+
+- ``tflop``: arithmetic, from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention);
+- ``ops``: dispatched ATen operators that are not views: a proxy for GPU kernel launches, which is what bounds a
+  small model on a big GPU;
+- ``saved_gib``: tensors autograd keeps for the backward (weights excluded): the activation memory the gradient
+  pass adds on top of the model's weights.
+
+Every attention layer runs PyTorch's SDPA (ComfyUI's choice on NVIDIA GPUs). The ``blocks`` option chooses which
+cross-attention layers of the level feed the loss (``AEConfig.attention_blocks``). Output: JSON lines, then a
+Markdown table; ``--estimate`` turns the counts into GPU time ratios with the constants described in
+``docs/performance.md``.
+
+    python benchmarks/cost_model.py --arch sd15,sdxl --batch 1,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (the benchmark's architectures and ComfyUI set-up)
+
+log = logging.getLogger("ae_cost")
+GIB = 1024**3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=bench._csv(str), default=["sd15", "sdxl"], help="sd15,sdxl")
+    p.add_argument("--size", type=bench._csv(int), default=None,
+                   help="image sides in px (default: 512 for sd15, 1024 for sdxl)")
+    p.add_argument("--batch", type=bench._csv(int), default=[1])
+    p.add_argument("--blocks", type=bench._csv(str), default=["all", "down_mid"],
+                   help="which cross-attention layers of the level feed the loss")
+    p.add_argument("--resolution", type=int, default=0,
+                   help="AEConfig.attention_resolution: side of the level read (0 = auto, latent / 4)")
+    p.add_argument("--comfy-root", default=None)
+    p.add_argument("--markdown", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+class OpCounter:
+    """Counts dispatched non-view ATen operators (a proxy for kernel launches)."""
+
+    SKIP = {"detach", "empty", "empty_like", "empty_strided", "lift_fresh", "new_empty", "new_empty_strided",
+            "_to_copy_meta", "alias", "clone_meta"}
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class _Mode(TorchDispatchMode):
+            def __init__(self) -> None:
+                super().__init__()
+                self.count = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if not func.is_view and func.overloadpacket.__name__ not in cls.SKIP:
+                    self.count += 1
+                return func(*args, **(kwargs or {}))
+
+        return _Mode()
+
+
+def sdpa_attention(q, k, v, heads, mask=None, **_):
+    """ComfyUI's ``optimized_attention`` signature, computed by the flash-attention kernel that SDPA picks for fp16
+    on NVIDIA GPUs (it keeps only the output and the log-sum-exp for its backward, not the attention matrix)."""
+    import torch
+
+    b, n, _ = q.shape
+    qh, kh, vh = (t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
+    out = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, False, False)[0]
+    return out.transpose(1, 2).reshape(b, n, -1)
+
+
+class Model:
+    """A meta-device ComfyUI UNet of ``arch`` with the inputs of one sampling call."""
+
+    def __init__(self, arch: str, size: int, pack, resolution: int = 0) -> None:
+        import comfy.ops
+        import torch
+        from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+        spec = bench.ARCHS[arch]
+        self.arch, self.size, self.spec, self.pack = arch, size, spec, pack
+        self.dtype = torch.float16
+        self.unet = UNetModel(**{**spec["base"], **spec["full"]}, dtype=self.dtype, device="meta",
+                              operations=comfy.ops.disable_weight_init)
+        self.unet.requires_grad_(False)
+        self.param_storages = {p.untyped_storage()._cdata for p in self.unet.parameters()}
+        self.weights_gib = sum(p.numel() * p.element_size() for p in self.unet.parameters()) / GIB
+        self.latent = size // 8
+        self.target_hw = pack.sampling.target_resolution((self.latent, self.latent), resolution, "cost_model")
+        self.keys = pack.capture.attn2_keys(self.unet)
+
+    def inputs(self, batch: int):
+        import torch
+
+        kw = {"device": "meta", "dtype": self.dtype}
+        x = torch.empty(batch, 4, self.latent, self.latent, **kw)
+        t = torch.empty(batch, **kw)
+        ctx = torch.empty(batch, bench.NUM_KEYS, self.spec["context_dim"], **kw)
+        y = torch.empty(batch, 2816, **kw) if self.spec["pooled"] else None
+        return x, t, ctx, y
+
+    def forward(self, x, attn2: dict, batch: int):
+        _, t, ctx, y = self.inputs(batch)
+        sdpa = {k: self._sdpa for k in self.keys}
+        patches = {"attn1": sdpa, "attn2": {**sdpa, **attn2}}
+        return self.unet(x, t, context=ctx, y=y, transformer_options={"patches_replace": patches})
+
+    @staticmethod
+    def _sdpa(q, k, v, extra_options):
+        return sdpa_attention(q, k, v, extra_options["n_heads"])
+
+
+def measure(fn, param_storages: set[int]) -> dict[str, Any]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    saved: dict[int, int] = {}  # storage -> bytes: views of one tensor count once
+
+    def pack_hook(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in param_storages:
+            saved.setdefault(storage._cdata, storage.nbytes())
+        return t
+
+    flops = FlopCounterMode(display=False)
+    ops = OpCounter()
+    with flops, ops, torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        fn()
+    return {"tflop": flops.get_total_flops() / 1e12, "ops": ops.count, "saved_gib": sum(saved.values()) / GIB}
+
+
+def plain_step(model: Model, batch: int) -> dict[str, Any]:
+    """One CFG sampling step: cond and uncond in one forward of batch 2B, no gradient."""
+    import torch
+
+    def run():
+        with torch.no_grad():
+            x, *_ = model.inputs(2 * batch)
+            model.forward(x, {}, 2 * batch)
+
+    return measure(run, model.param_storages)
+
+
+def gradient_pass(model: Model, batch: int, blocks: str) -> dict[str, Any]:
+    """The sampler's gradient pass: cond only, capture at the target level, stop after the last layer read, loss,
+    backward to the latent."""
+    import torch
+
+    capture_mod, loss_mod = model.pack.capture, model.pack.loss
+    keys = model.pack.sampling.select_blocks(model.keys, blocks)
+    probe = capture_mod.GradCapture(model.target_hw, None, sdpa_attention)
+    with torch.no_grad():
+        try:
+            model.forward(model.inputs(1)[0], {k: probe.patch(k) for k in keys}, 1)
+        except capture_mod.StopForward:
+            pass
+    targets = [k for k in keys if probe.seen.get(k) == model.target_hw]
+    slots = loss_mod.slot_mask(bench.NUM_KEYS, "all_but_bos_last")
+
+    def run():
+        capture = capture_mod.GradCapture(model.target_hw, targets[-1], sdpa_attention)
+        with torch.enable_grad():
+            leaf = model.inputs(batch)[0].requires_grad_(True)
+            try:
+                model.forward(leaf, {k: capture.patch(k) for k in targets}, batch)
+            except capture_mod.StopForward:
+                pass
+            maxima = loss_mod.subject_max_attention(capture.aggregate(), bench.SUBJECT_INDICES, slots)
+            loss_mod.ae_loss(maxima).sum().backward(inputs=[leaf])  # as autograd.grad (which the counter rejects)
+
+    out = measure(run, model.param_storages)
+    out["layers"] = len(targets)
+    out["last_layer"] = capture_mod.layer_name(targets[-1])
+    return out
+
+
+def rows(args: argparse.Namespace, pack) -> list[dict[str, Any]]:
+    out = []
+    for arch in args.arch:
+        sizes = args.size or [512 if arch == "sd15" else 1024]
+        for size in sizes:
+            model = Model(arch, size, pack, args.resolution)
+            for batch in args.batch:
+                base = {"arch": arch, "size": size, "batch": batch,
+                        "level": f"{model.target_hw[0]}x{model.target_hw[1]}", "weights_gib": model.weights_gib}
+                plain = plain_step(model, batch)
+                out.append({**base, "pass": "plain_step", **plain})
+                for blocks in args.blocks:
+                    g = gradient_pass(model, batch, blocks)
+                    out.append({**base, "pass": f"gradient_{blocks}", **g,
+                                "tflop_vs_step": g["tflop"] / plain["tflop"], "ops_vs_step": g["ops"] / plain["ops"]})
+    return out
+
+
+def markdown(table: list[dict[str, Any]]) -> str:
+    head = ("| arch | size | batch | level | pass | layers read | TFLOP | × step | ops | × step | saved GiB |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in table:
+        lines.append(f"| {r['arch']} | {r['size']}² | {r['batch']} | {r['level']} | {r['pass']} | "
+                     f"{r.get('layers', '–')} | {r['tflop']:.3f} | {bench._fmt(r.get('tflop_vs_step'))} | {r['ops']} | "
+                     f"{bench._fmt(r.get('ops_vs_step'))} | {r['saved_gib']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    args = parse_args(argv)
+    bench.setup_comfy(args.comfy_root, cpu=True)
+    pack = bench.import_pack()
+    table = rows(args, pack)
+    for r in table:
+        sys.stdout.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}) + "\n")
+    md = markdown(table)
+    sys.stdout.write(md)
+    if args.markdown:
+        args.markdown.write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
