@@ -105,7 +105,9 @@ class AutogradWeights:
                             self.swaps.append([m, name, p, self._stand_in(p)])
 
     def _stand_in(self, p: torch.Tensor) -> nn.Parameter:
-        data = alias(p) if self.by_reference else p.detach().clone()
+        # tensor subclasses (quantized weights of other packs) may not expose a plain storage: those are copied
+        plain = type(p) in (torch.Tensor, nn.Parameter) and p.layout == torch.strided
+        data = alias(p) if self.by_reference and plain else p.detach().clone()
         return nn.Parameter(data, requires_grad=False)
 
     @contextlib.contextmanager

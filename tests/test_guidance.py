@@ -134,3 +134,22 @@ def test_aliased_and_copied_weights_give_the_exact_input_gradient(by_reference):
     xr = x.clone().requires_grad_(True)
     (gr,) = torch.autograd.grad((ref(xr) ** 2).sum(), xr)
     assert torch.allclose(grad, gr, atol=1e-12)
+
+
+class _QuantLike(torch.Tensor):
+    """A tensor subclass standing in for another pack's quantized weight type."""
+
+
+def test_tensor_subclass_weights_are_copied_not_aliased():
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        m = nn.Linear(3, 2)
+        m.weight = nn.Parameter(m.weight.detach().as_subclass(_QuantLike), requires_grad=False)
+        x = torch.randn(2, 3)
+    weights = AutogradWeights([m])
+    stand_in = {s[1]: s[3] for s in weights.swaps}
+    assert stand_in["weight"].data_ptr() != m.weight.data_ptr()  # copied
+    assert stand_in["bias"].data_ptr() == m.bias.data_ptr()  # a plain tensor: aliased
+    with torch.inference_mode():
+        _, _, grad = loss_and_grad(lambda leaf: (m(leaf).sum(-1), leaf), x, weights)
+    assert torch.allclose(grad, m.weight.as_subclass(torch.Tensor).sum(0).expand(2, 3))
