@@ -12,9 +12,8 @@ pass. Per pass it counts
   pass adds on top of the model's weights.
 
 Every attention layer runs PyTorch's SDPA (ComfyUI's choice on NVIDIA GPUs). The ``blocks`` option chooses which
-cross-attention layers of the level feed the loss (``AEConfig.attention_blocks``). Output: JSON lines, then a
-Markdown table; ``--estimate`` turns the counts into GPU time ratios with the constants described in
-``docs/performance.md``.
+cross-attention layers of the level feed the loss (``AEConfig.attention_blocks``), ``--resolution`` which level.
+Output: JSON lines, then a Markdown table. ``docs/performance.md`` turns the counts into GPU estimates.
 
     python benchmarks/cost_model.py --arch sd15,sdxl --batch 1,4
 """
