@@ -179,8 +179,14 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 def _mode_label(row: dict) -> str:
     mode = str(row.get("mode"))
-    blocks = row.get("attention_blocks", "all")
-    return mode if mode == "plain" or row.get("system") != "comfyui" or blocks == "all" else f"{mode} ({blocks})"
+    if mode == "plain" or row.get("system") != "comfyui":
+        return mode
+    notes = []
+    if row.get("attention_blocks", "all") != "all":
+        notes.append(row["attention_blocks"])
+    if row.get("weights") == "copy":
+        notes.append("weight copy")
+    return f"{mode} ({', '.join(notes)})" if notes else mode
 
 
 def markdown_table(rows: list[dict]) -> str:
