@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test test-fast lint bench-cpu clean
+.PHONY: setup demo test test-fast lint bench-cpu cost-model clean
 
 setup:
 	./scripts/bootstrap.sh
@@ -25,6 +25,10 @@ lint: setup
 
 bench-cpu: setup
 	$(PY) benchmarks/bench.py --device cpu $(ARGS)
+
+# Counted cost of a gradient pass vs a plain step on the real SD1.5/SDXL layouts (meta device, any machine).
+cost-model: setup
+	$(PY) benchmarks/cost_model.py $(ARGS)
 
 clean:
 	rm -rf .cache ae_output
