@@ -699,14 +699,9 @@ class Bench:
         sampling = self.pack.sampling
         if mode == "plain":
             return lambda record: comfy.samplers.sampler_object("euler")
-        if mode == "ae_no_refine":
-            cfg = sampling.AEConfig(sampler_name="euler", refinement=(), record_maps=False,
-                                    weights_by_reference=self.args.weights == "reference",
-                                    attention_blocks=self.args.blocks)
-        else:
-            cfg = sampling.AEConfig(sampler_name="euler", record_maps=False,
-                                    weights_by_reference=self.args.weights == "reference",
-                                    attention_blocks=self.args.blocks)
+        kw = {"refinement": ()} if mode == "ae_no_refine" else {}
+        cfg = sampling.AEConfig(sampler_name="euler", record_maps=False, attention_blocks=self.args.blocks,
+                                weights_by_reference=self.args.weights == "reference", **kw)
         return lambda record: sampling.make_sampler(cfg, record)
 
     # ---- diffusers ----

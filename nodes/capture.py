@@ -85,9 +85,9 @@ class GradCapture:
             self.seen[key] = hw
             if key[0] == "output" and self.maps and hw[0] * hw[1] > self.target_hw[0] * self.target_hw[1]:
                 raise StopForward()  # the decoder only gets finer from here: no later layer is at the target level
-            if key == self.stop_after and hw != self.target_hw:
-                raise StopForward()  # nothing of this layer feeds the loss
             if hw != self.target_hw:
+                if key == self.stop_after:
+                    raise StopForward()  # nothing of this layer feeds the loss
                 return self.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
                                                 transformer_options=extra_options)
             probs = attention_probs(q, k, heads)

@@ -65,7 +65,7 @@ def ae_config(sampler_name: str, node: str, **kw) -> AEConfig:
         max_refinement_steps=kw["max_refinement_steps"], smooth=kw["smoothing"], kernel_size=kw["kernel_size"],
         sigma=kw["smoothing_sigma"], attention_resolution=kw["attention_resolution"],
         token_slots=kw["token_slots"], record_maps=kw["record_maps"],
-        attention_blocks=kw.get("attention_blocks", "all"), node=node)
+        attention_blocks=kw.get("attention_blocks", AEConfig.attention_blocks), node=node)
 
 
 def _config_or_error(sampler_name: str, node: str, kw: dict) -> AEConfig:

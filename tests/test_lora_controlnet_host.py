@@ -42,6 +42,19 @@ def step0_loss(record) -> float:
     return float(record.losses[0][0][0])
 
 
+def assert_guided_run_differs(host, plain_run, **kw):
+    """One guided step with ``kw`` (a LoRA'd model, ControlNet conds): finite, one loss at step 0, and, from the
+    same latent and sigma, a different loss and different samples than the plain run."""
+    plain_samples, plain_loss = plain_run
+    samples, record = run(host, **kw)
+    assert torch.isfinite(samples).all()
+    assert record.guided_steps == 1 and sorted(record.losses) == [0]
+    loss = step0_loss(record)
+    assert math.isfinite(loss)
+    assert abs(loss - plain_loss) > 1e-4, (loss, plain_loss)
+    assert not torch.equal(samples, plain_samples)
+
+
 @pytest.fixture(scope="module")
 def plain_run(host):
     """A&E without LoRA or ControlNet: the reference for both."""
@@ -86,14 +99,8 @@ def test_ae_runs_with_a_lora_and_its_gradient_pass_sees_it(host, plain_run, lora
     model = host["model"]
     patches, uuid = {k: list(v) for k, v in model.patches.items()}, model.patches_uuid
 
-    samples, record = run(host, model=lora_model)
-    assert torch.isfinite(samples).all()
-    assert record.guided_steps == 1 and sorted(record.losses) == [0]
-    lora_loss = step0_loss(record)
-    assert math.isfinite(lora_loss)
-    # same latent, same sigma: only the LoRA-patched weights can change the step-0 loss
-    assert abs(lora_loss - plain_loss) > 1e-4, (lora_loss, plain_loss)
-    assert not torch.equal(samples, plain_samples)
+    # only the LoRA-patched weights can change the step-0 loss
+    assert_guided_run_differs(host, plain_run, model=lora_model)
 
     # the un-LoRA'd model is left as found: no patches, and the next run on it is the plain run, bit for bit
     assert {k: list(v) for k, v in model.patches.items()} == patches and model.patches_uuid == uuid
@@ -165,20 +172,13 @@ def apply_controlnet(host, cnet, strength=1.0):
 def test_ae_runs_with_a_controlnet_in_its_gradient_pass(host, plain_run, controlnet):
     from comfyui_attend_excite.nodes.sampling import COND_KEY
 
-    plain_samples, plain_loss = plain_run
     pos, neg = apply_controlnet(host, controlnet)
     assert COND_KEY in pos[0][1] and pos[0][1]["control"] is neg[0][1]["control"]
     control_model = controlnet.control_model
     params = [(m, name, p) for m in control_model.modules() for name, p in m._parameters.items()]
 
-    samples, record = run(host, positive=pos, negative=neg)
-    assert torch.isfinite(samples).all()
-    assert record.guided_steps == 1 and sorted(record.losses) == [0]
-    cn_loss = step0_loss(record)
-    assert math.isfinite(cn_loss)
-    # same latent, same sigma, same UNet: only the ControlNet's residuals can change the step-0 loss
-    assert abs(cn_loss - plain_loss) > 1e-4, (cn_loss, plain_loss)
-    assert not torch.equal(samples, plain_samples)
+    # same UNet: only the ControlNet's residuals can change the step-0 loss
+    assert_guided_run_differs(host, plain_run, positive=pos, negative=neg)
 
     # the ControlNet (shared by every copy of the control object) is left as found
     assert no_leftovers([control_model])

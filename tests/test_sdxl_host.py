@@ -50,21 +50,25 @@ def sdxl(comfy_inprocess):
     return dict(pack=pack, model=model, pos=cond({"attend_excite": spec}), neg=cond({}))
 
 
-def _sample(sdxl, steps=4, **ae):
+def _run(sdxl, sampler, steps=4):
+    """``sampler`` through ComfyUI's SamplerCustom entry point, 4 euler steps, CFG 5, seed 0."""
     import comfy.sample
     import comfy.samplers
 
-    pack = sdxl["pack"]
     model = sdxl["model"]
-    record = pack["attention.record"].AttentionRecord()
-    cfg = pack["nodes.sampling"].AEConfig(sampler_name="euler", refinement=(), **ae)
     with torch.inference_mode():
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps).cpu()
         latent = torch.zeros(1, 4, 16, 16)
-        noise = comfy.sample.prepare_noise(latent, 0)
-        out = comfy.sample.sample_custom(model, noise, 5.0, pack["nodes.sampling"].make_sampler(cfg, record), sigmas,
-                                         sdxl["pos"], sdxl["neg"], latent, disable_pbar=True, seed=0)
-    return out, record
+        return comfy.sample.sample_custom(model, comfy.sample.prepare_noise(latent, 0), 5.0, sampler, sigmas,
+                                          sdxl["pos"], sdxl["neg"], latent, disable_pbar=True, seed=0)
+
+
+def _sample(sdxl, **ae):
+    """The A&E sampler (no refinement) with ``ae``; ``(samples, record)``."""
+    pack = sdxl["pack"]
+    record = pack["attention.record"].AttentionRecord()
+    cfg = pack["nodes.sampling"].AEConfig(sampler_name="euler", refinement=(), **ae)
+    return _run(sdxl, pack["nodes.sampling"].make_sampler(cfg, record)), record
 
 
 def test_tiny_unet_is_detected_as_sdxl(sdxl):
@@ -99,17 +103,10 @@ def test_ae_sampling_on_sdxl_reads_the_4x4_layers(sdxl, blocks):
 
 
 def test_ae_changes_the_sdxl_result_and_scale_zero_is_plain(sdxl):
-    import comfy.sample
     import comfy.samplers
 
     ae, _ = _sample(sdxl)
     off, rec = _sample(sdxl, scale_factor=0.0)
-    model = sdxl["model"]
-    with torch.inference_mode():
-        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 4).cpu()
-        latent = torch.zeros(1, 4, 16, 16)
-        plain = comfy.sample.sample_custom(model, comfy.sample.prepare_noise(latent, 0), 5.0,
-                                           comfy.samplers.sampler_object("euler"), sigmas, sdxl["pos"], sdxl["neg"],
-                                           latent, disable_pbar=True, seed=0)
+    plain = _run(sdxl, comfy.samplers.sampler_object("euler"))
     assert torch.equal(off, plain) and not rec.losses
     assert (ae - plain).abs().max() > 1e-4
