@@ -86,9 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="steps of the untimed warm-up run per measurement (0 = same as --steps)")
     p.add_argument("--size", default="auto",
                    help="image side in pixels (latent = size / 8); auto: sd15 512 and sdxl 1024 on CUDA, 128 on CPU")
-    p.add_argument("--model", choices=("auto", "full", "tiny"), default="auto",
-                   help="UNet layout: full = the real architecture, tiny = a small one of the same family; "
-                        "auto = full on CUDA, tiny on CPU")
+    p.add_argument("--model", choices=("auto", "full", "tiny", "narrow"), default="auto",
+                   help="UNet layout: full = the real architecture, tiny = a small one of the same family, "
+                        "narrow = the real depths at width 32 (on a CPU its timings are host overhead: the "
+                        "regime of a launch-bound GPU); auto = full on CUDA, tiny on CPU")
     p.add_argument("--modes", type=_csv(str), default=list(MODES), help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--diffusers", action="store_true", help="also time diffusers' pipelines (sd15 only)")
     p.add_argument("--seed", type=int, default=0)
@@ -131,38 +132,49 @@ _COMMON = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channel
            "use_spatial_transformer": True, "legacy": False, "use_temporal_attention": False,
            "use_temporal_resblock": False}
 
+# the real SD1.5 UNet (859.5 M parameters) and the real SDXL base UNet (2.57 B parameters)
+_SD15_FULL = {"channel_mult": [1, 2, 4, 4], "num_res_blocks": [2, 2, 2, 2],
+              "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
+              "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]}
+_SDXL_FULL = {"channel_mult": [1, 2, 4], "num_res_blocks": [2, 2, 2],
+              "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
+              "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]}
+# "narrow": every block and transformer layer of the real layout, at width 32 with a 64-wide text context: the same
+# operators per step as "full" with almost no arithmetic, so on a CPU its timings measure host overhead (Python,
+# dispatch, autograd), the cost that bounds a small model on a big GPU.
+_NARROW = {"model_channels": 32, "context_dim": 64}
+
 ARCHS: dict[str, dict[str, Any]] = {
     "sd15": {
-        "context_dim": 768,
         "pooled": False,
         "auto_size": {"cuda": 512, "cpu": 128},
         "base": {**_COMMON, "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
                  "use_linear_in_transformer": False, "adm_in_channels": None},
-        # the real SD1.5 UNet (859.5 M parameters)
-        "full": {"channel_mult": [1, 2, 4, 4], "num_res_blocks": [2, 2, 2, 2],
-                 "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
-                 "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]},
+        "full": _SD15_FULL,
         # same family (detected as SD15), one res block and width 320 at every level
         "tiny": {"channel_mult": [1, 1, 1, 1], "num_res_blocks": [1, 1, 1, 1],
                  "transformer_depth": [1, 1, 1, 0], "transformer_depth_middle": 1,
                  "transformer_depth_output": [1, 1, 1, 1, 1, 1, 0, 0]},
+        "narrow": {**_SD15_FULL, **_NARROW},
     },
     "sdxl": {
-        "context_dim": 2048,
         "pooled": True,
         "auto_size": {"cuda": 1024, "cpu": 128},
         "base": {**_COMMON, "context_dim": 2048, "num_heads": -1, "num_head_channels": 64,
                  "use_linear_in_transformer": True, "adm_in_channels": 2816, "num_classes": "sequential"},
-        # the real SDXL base UNet (2.57 B parameters)
-        "full": {"channel_mult": [1, 2, 4], "num_res_blocks": [2, 2, 2],
-                 "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
-                 "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]},
+        "full": _SDXL_FULL,
         # Segmind-Vega depths at width 320 everywhere (detected as an SDXL-family model)
         "tiny": {"channel_mult": [1, 1, 1], "num_res_blocks": [2, 2, 2],
                  "transformer_depth": [0, 0, 1, 1, 2, 2], "transformer_depth_middle": -1,
                  "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2]},
+        "narrow": {**_SDXL_FULL, **_NARROW, "num_head_channels": 8},
     },
 }
+
+
+def unet_config(arch: str, variant: str) -> dict[str, Any]:
+    """ComfyUI ``UNetModel`` keyword arguments of ``arch`` in layout ``variant`` (full, tiny or narrow)."""
+    return {**ARCHS[arch]["base"], **ARCHS[arch][variant]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -454,6 +466,29 @@ def timed_runs(run: Callable[[], Any], repeats: int, device, peak: PeakMemory,
     return times, (max(peaks) if peaks else None), out
 
 
+def load_unet(sd: dict, arch: str, variant: str, dtype):
+    """A ModelPatcher for the UNet state dict ``sd``, as the UNet loader node makes it (call in inference mode).
+
+    ComfyUI recognises a model family by its widths too, so the ``narrow`` twin is built with the family's model
+    config class directly (same model class, sampling and conditioning as the real family)."""
+    import comfy.sd
+
+    if variant != "narrow":
+        return comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    family = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[arch]
+    config = family(comfy.model_detection.detect_unet_config(sd, ""))
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model(sd, "")
+    model.load_model_weights(sd, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
 def random_state_dict(arch: str, variant: str, device, dtype, seed: int) -> dict:
     """UNet state dict of ComfyUI's ``UNetModel`` for ``arch``/``variant`` with deterministic random weights.
 
@@ -464,8 +499,7 @@ def random_state_dict(arch: str, variant: str, device, dtype, seed: int) -> dict
     import torch
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    spec = ARCHS[arch]
-    config = {**spec["base"], **spec[variant]}
+    config = unet_config(arch, variant)
     meta = UNetModel(**config, dtype=dtype, device="meta", operations=comfy.ops.disable_weight_init)
     shapes = {k: (tuple(v.shape), v.dtype) for k, v in meta.state_dict().items()}
     del meta
@@ -541,7 +575,6 @@ class Bench:
     def run_arch(self, arch: str) -> None:
         import comfy.model_management
         import comfy.samplers
-        import comfy.sd
 
         torch = self.torch
         args = self.args
@@ -552,7 +585,7 @@ class Bench:
         t0 = time.perf_counter()
         sd = random_state_dict(arch, variant, self.device, self.dtype, args.seed)
         with torch.inference_mode():  # the loader node runs in inference mode too: weights are inference tensors
-            model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": self.dtype})
+            model = load_unet(sd, arch, variant, self.dtype)
         del sd
         free_memory(self.device)
         if model is None:
@@ -575,7 +608,7 @@ class Bench:
 
         for batch in args.batch:
             with torch.inference_mode():
-                pos, neg, latent, noise = self.comfy_inputs(arch, batch, side)
+                pos, neg, latent, noise = self.comfy_inputs(arch, variant, batch, side)
             plain_median = None
             for mode in [m for m in MODES if m in args.modes]:
                 if self.deadline.passed():
@@ -673,13 +706,13 @@ class Bench:
         path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
         log.info("profile written to %s (torch %s)", path, torch.__version__)
 
-    def comfy_inputs(self, arch: str, batch: int, side: int):
+    def comfy_inputs(self, arch: str, variant: str, batch: int, side: int):
         import comfy.sample
 
         torch = self.torch
         spec = ARCHS[arch]
         gen = torch.Generator().manual_seed(self.args.seed + 1)
-        ctx = spec["context_dim"]
+        ctx = unet_config(arch, variant)["context_dim"]
         subjects = self.pack.tokens.SubjectTokens(indices=SUBJECT_INDICES, labels=("a", "b"),
                                                   prompt_positions=PROMPT_POSITIONS, num_keys=NUM_KEYS, family="l")
         pos_extra: dict[str, Any] = {"attend_excite": subjects}
@@ -740,8 +773,9 @@ class Bench:
 
         ae_pipe._update_latent = counting_update
         gen = torch.Generator().manual_seed(args.seed + 1)
-        pe = torch.randn(1, NUM_KEYS, ARCHS[arch]["context_dim"], generator=gen).to(self.device, self.dtype)
-        ne = torch.randn(1, NUM_KEYS, ARCHS[arch]["context_dim"], generator=gen).to(self.device, self.dtype)
+        ctx = unet_config(arch, info["model"])["context_dim"]
+        pe = torch.randn(1, NUM_KEYS, ctx, generator=gen).to(self.device, self.dtype)
+        ne = torch.randn(1, NUM_KEYS, ctx, generator=gen).to(self.device, self.dtype)
         scheduler_name = type(ae_pipe.scheduler).__name__
         d_info = {**info, "sampler": scheduler_name, "diffusers": diffusers.__version__,
                   "attention_level": f"{target[0]}x{target[1]}"}

@@ -1,0 +1,82 @@
+"""The benchmark's ``narrow`` layouts: the real SD1.5 / SDXL depths at width 32, for host-overhead timings on a CPU.
+
+They only mean something if they are the real layouts in ComfyUI's eyes (same model class, same cross-attention
+layers) and if the A&E gradient pass reads the same layers there as on the real 512² / 1024² models.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.host, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench(comfy_inprocess):
+    import comfy_inprocess as ci
+
+    ci.load_pack()
+    spec = importlib.util.spec_from_file_location("ae_bench_narrow_tests", REPO / "benchmarks" / "bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _layers(family: str) -> list[str]:
+    """Cross-attention layers at latent / 4 (16x16 at 512², 32x32 at 1024²), in execution order."""
+    if family == "sd15":
+        return ["input.7.0", "input.8.0", "output.3.0", "output.4.0", "output.5.0"]
+    ten = range(10)
+    return ([f"input.{b}.{i}" for b in (7, 8) for i in ten] + [f"middle.0.{i}" for i in ten]
+            + [f"output.{b}.{i}" for b in (0, 1, 2) for i in ten])
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_narrow_twin_is_the_real_layout_and_ae_reads_the_same_layers(bench, arch):
+    import comfy.model_base
+    import comfy.ops
+    import comfy.sample
+    import comfy.samplers
+    import comfy.supported_models
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    sampling = importlib.import_module("comfyui_attend_excite.nodes.sampling")
+    capture = importlib.import_module("comfyui_attend_excite.nodes.capture")
+    record_mod = importlib.import_module("comfyui_attend_excite.attention.record")
+    tokens = importlib.import_module("comfyui_attend_excite.attention.tokens")
+
+    sd = bench.random_state_dict(arch, "narrow", torch.device("cpu"), torch.float32, seed=0)
+    with torch.inference_mode():
+        model = bench.load_unet(sd, arch, "narrow", torch.float32)
+    family, model_class = {"sd15": (comfy.supported_models.SD15, comfy.model_base.BaseModel),
+                           "sdxl": (comfy.supported_models.SDXL, comfy.model_base.SDXL)}[arch]
+    assert type(model.model.model_config) is family and type(model.model) is model_class
+    assert model.model.diffusion_model.model_channels == 32
+    full = UNetModel(**bench.unet_config(arch, "full"), device="meta", operations=comfy.ops.disable_weight_init)
+    assert capture.attn2_keys(model.model.diffusion_model) == capture.attn2_keys(full)
+    assert all(p.is_inference() for p in model.model.diffusion_model.parameters())
+
+    # two euler steps at 128 px (16x16 latent, level 4x4), one of them guided
+    subjects = tokens.SubjectTokens(indices=(2, 5), labels=("a", "b"), prompt_positions=tuple(range(1, 7)),
+                                    num_keys=77, family="l")
+    gen = torch.Generator().manual_seed(1)
+    extra = {"pooled_output": torch.randn(1, 1280, generator=gen)} if arch == "sdxl" else {}
+    pos = [[torch.randn(1, 77, 64, generator=gen), {**extra, "attend_excite": subjects}]]
+    neg = [[torch.randn(1, 77, 64, generator=gen), dict(extra)]]
+    record = record_mod.AttentionRecord()
+    sampler = sampling.make_sampler(sampling.AEConfig(refinement=()), record)
+    with torch.inference_mode():
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 2).cpu()
+        latent = torch.zeros(1, 4, 16, 16)
+        out = comfy.sample.sample_custom(model, comfy.sample.prepare_noise(latent, 0), 5.0, sampler, sigmas, pos,
+                                         neg, latent, disable_pbar=True, seed=0)
+    assert torch.isfinite(out).all()
+    assert sorted(record.losses) == [0]
+    assert record.layers == _layers(arch)
