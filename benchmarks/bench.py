@@ -489,6 +489,19 @@ def load_unet(sd: dict, arch: str, variant: str, dtype):
                                             offload_device=comfy.model_management.unet_offload_device())
 
 
+def backend_facts(device) -> dict[str, Any]:
+    """Kernel choices that change the timings: ComfyUI's attention function and, on CUDA, cuDNN's settings."""
+    import torch
+    from comfy.ldm.modules import attention as comfy_attention
+
+    fn = comfy_attention.optimized_attention
+    facts: dict[str, Any] = {"attention": getattr(fn, "__name__", type(fn).__name__)}
+    if device.type == "cuda":
+        facts.update({"cudnn": torch.backends.cudnn.version(), "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                      "flash_sdp": torch.backends.cuda.flash_sdp_enabled()})
+    return facts
+
+
 def random_state_dict(arch: str, variant: str, device, dtype, seed: int) -> dict:
     """UNet state dict of ComfyUI's ``UNetModel`` for ``arch``/``variant`` with deterministic random weights.
 
@@ -550,7 +563,7 @@ class Bench:
             device_name = f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
         self.meta = {"device_name": device_name, "torch": torch.__version__, "commit": commit, "dirty": dirty,
                      "comfyui": comfy_version, "device": self.device.type, "dtype": str(self.dtype).split(".")[-1],
-                     "peak_kind": self.peak.kind}
+                     "peak_kind": self.peak.kind, **backend_facts(self.device)}
         self.ours: dict[tuple, float] = {}  # (arch, batch, mode) -> median of this pack / ComfyUI
         self.failed = False
 

@@ -6,10 +6,10 @@
 #   .whl/      wheels of torchsde, trampoline and diffusers (installed here into /tmp/site, no network needed)
 #   .comfyui/  the ComfyUI 0.3.75 source (scripts/bootstrap.sh creates it)
 #
-#   [BENCH_COMMIT=<sha>] bash benchmarks/run_gpu.sh [all|sd15|sd15-b1|sd15-b4|sdxl|sdxl-down-mid]
+#   [BENCH_COMMIT=<sha>] bash benchmarks/run_gpu.sh [all|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid]
 #
 # Order under "all": sd15 batch 1 (+ diffusers), sdxl batch 1, sdxl batch 1 with attention_blocks=down_mid,
-# sd15 batch 4 (+ diffusers); 50 steps each.
+# sd15 batch 4 (+ diffusers), sd15 batch 1 with down_mid; 50 steps each.
 # Results go to $OUT (default ./bench_out): results.jsonl (one JSON object per measurement), table.md, bench.log.
 # Environment: REPEATS (3), WARMUP_STEPS (10; the untimed warm-up run per measurement), BENCH_BUDGET_S (520: no
 # measurement starts later than this many seconds after the script started; keep it ~80 s under the command's time
@@ -32,8 +32,8 @@ LOG="$OUT/bench.log"
 : > "$LOG"
 rm -f "$OUT/results.jsonl"
 
-case "$PART" in all|sd15|sd15-b1|sd15-b4|sdxl|sdxl-down-mid) ;;
-  *) echo "unknown part '$PART' (all|sd15|sd15-b1|sd15-b4|sdxl|sdxl-down-mid)" >&2; exit 2 ;; esac
+case "$PART" in all|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid) ;;
+  *) echo "unknown part '$PART' (all|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid)" >&2; exit 2 ;; esac
 EXTRA=(--weights "${WEIGHTS:-reference}")
 if [ "${PROFILE:-0}" = 1 ]; then EXTRA+=(--profile "$OUT/profile"); fi
 
@@ -80,6 +80,7 @@ case "$PART" in all|sd15|sd15-b1) bench --arch sd15 --batch 1 --diffusers ;; esa
 case "$PART" in all|sdxl) bench --arch sdxl --batch 1 ;; esac
 case "$PART" in all|sdxl-down-mid) bench --arch sdxl --batch 1 --blocks down_mid ;; esac
 case "$PART" in all|sd15|sd15-b4) bench --arch sd15 --batch 4 --diffusers ;; esac
+case "$PART" in all|sd15-down-mid) bench --arch sd15 --batch 1 --blocks down_mid ;; esac
 
 echo "== done after $(( $(date +%s) - START ))s, rc=$RC" >> "$LOG"
 grep -E "WARNING ae_bench|ERROR|Error|Traceback|budget|exited" "$LOG" | tail -n 40
