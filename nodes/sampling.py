@@ -220,6 +220,8 @@ def sample_attend_excite(model, x, sigmas, extra_args=None, callback=None, disab
     sigma_data = float(getattr(ms, "sigma_data", 1.0))
     seed = extra_args.get("seed")
     passes = 0
+    sigma_values = sigmas.tolist()  # one host sync here instead of one per guided step
+    debug = log.isEnabledFor(logging.DEBUG)  # loss.tolist() in a log call would sync even when not logged
 
     def args_for(i: int) -> dict:
         ea = dict(extra_args)
@@ -231,7 +233,7 @@ def sample_attend_excite(model, x, sigmas, extra_args=None, callback=None, disab
 
     for i in range(sched.guided_steps):
         sigma = sigmas[i]
-        if float(sigma) <= 0:
+        if sigma_values[i] <= 0:
             break
         alpha = sched.step_sizes[i]
         loss, maxima, grad = run.gradient_pass(x, sigma)
@@ -261,9 +263,11 @@ def sample_attend_excite(model, x, sigmas, extra_args=None, callback=None, disab
                 passes += 1
                 if ae_record is not None:
                     ae_record.add_loss(i, loss)
-                log.debug("%s: step %d refinement %d iterations, loss %s", cfg.node, i, iters, loss.tolist())
+                if debug:
+                    log.debug("%s: step %d refinement %d iterations, loss %s", cfg.node, i, iters, loss.tolist())
         x = x_space_step(x, grad, alpha * (loss != 0).float(), sigma, sigma_data)
-        log.debug("%s: step %d loss %s", cfg.node, i, loss.tolist())
+        if debug:
+            log.debug("%s: step %d loss %s", cfg.node, i, loss.tolist())
         x = base.sampler_function(model, x, sigmas[i:i + 2], extra_args=args_for(i), callback=_shift(callback, i),
                                   disable=disable, **base.extra_options)
     start = min(sched.guided_steps, n)
