@@ -331,6 +331,7 @@ def import_pack() -> types.SimpleNamespace:
         sampling=importlib.import_module(f"{PACK}.nodes.sampling"),
         capture=importlib.import_module(f"{PACK}.nodes.capture"),
         loss=importlib.import_module(f"{PACK}.attention.loss"),
+        guidance=importlib.import_module(f"{PACK}.attention.guidance"),
         tokens=importlib.import_module(f"{PACK}.attention.tokens"),
         record=importlib.import_module(f"{PACK}.attention.record"),
         schedule=importlib.import_module(f"{PACK}.attention.schedule"),
@@ -715,7 +716,7 @@ class Bench:
             sync(self.device)
         self.args.profile.mkdir(parents=True, exist_ok=True)
         path = self.args.profile / f"{name}.txt"
-        sort = "cuda_time_total" if cuda else "cpu_time_total"
+        sort = "self_device_time_total" if cuda else "self_cpu_time_total"
         path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
         log.info("profile written to %s (torch %s)", path, torch.__version__)
 

@@ -6,10 +6,12 @@
 #   .whl/      wheels of torchsde, trampoline and diffusers (installed here into /tmp/site, no network needed)
 #   .comfyui/  the ComfyUI 0.3.75 source (scripts/bootstrap.sh creates it)
 #
-#   [BENCH_COMMIT=<sha>] bash benchmarks/run_gpu.sh [all|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid]
+#   [BENCH_COMMIT=<sha>] bash benchmarks/run_gpu.sh [all|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes]
 #
 # Order under "all": sd15 batch 1 (+ diffusers), sdxl batch 1, sdxl batch 1 with attention_blocks=down_mid,
-# sd15 batch 4 (+ diffusers), sd15 batch 1 with down_mid; 50 steps each.
+# sd15 batch 4 (+ diffusers), sd15 batch 1 with down_mid; 50 steps each; then, if the budget allows, "passes":
+# benchmarks/pass_timing.py (one gradient pass vs one plain step on the real SD1.5 and SDXL UNets, cuDNN benchmark
+# mode off and on, with per-pass operator profiles in $OUT/pass_profile; about 1-2 minutes).
 # Results go to $OUT (default ./bench_out): results.jsonl (one JSON object per measurement), table.md, bench.log.
 # Environment: REPEATS (3), WARMUP_STEPS (10; the untimed warm-up run per measurement), BENCH_BUDGET_S (520: no
 # measurement starts later than this many seconds after the script started; keep it ~80 s under the command's time
@@ -32,8 +34,8 @@ LOG="$OUT/bench.log"
 : > "$LOG"
 rm -f "$OUT/results.jsonl"
 
-case "$PART" in all|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid) ;;
-  *) echo "unknown part '$PART' (all|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid)" >&2; exit 2 ;; esac
+case "$PART" in all|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes) ;;
+  *) echo "unknown part '$PART' (all|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes)" >&2; exit 2 ;; esac
 EXTRA=(--weights "${WEIGHTS:-reference}")
 if [ "${PROFILE:-0}" = 1 ]; then EXTRA+=(--profile "$OUT/profile"); fi
 
@@ -82,8 +84,23 @@ case "$PART" in all|sdxl-down-mid) bench --arch sdxl --batch 1 --blocks down_mid
 case "$PART" in all|sd15|sd15-b4) bench --arch sd15 --batch 4 --diffusers ;; esac
 case "$PART" in all|sd15-down-mid) bench --arch sd15 --batch 1 --blocks down_mid ;; esac
 
+passes() {
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  if [ "$left" -le 60 ]; then
+    echo "budget spent: skipped pass_timing.py" | tee -a "$LOG" >&2
+    RC=1
+    return
+  fi
+  echo "== pass_timing.py (budget ${left}s)" >> "$LOG"
+  timeout "$left" python3 benchmarks/pass_timing.py --device "$DEVICE" --arch sd15,sdxl --comfy-root "$COMFYUI_ROOT" \
+    --profile "$OUT/pass_profile" --markdown "$OUT/pass_table.md" > "$OUT/pass_timing.jsonl" 2>> "$LOG" \
+    || { echo "pass_timing.py exited with $?" | tee -a "$LOG" >&2; RC=1; }
+}
+case "$PART" in all|passes) passes ;; esac
+
 echo "== done after $(( $(date +%s) - START ))s, rc=$RC" >> "$LOG"
 grep -E "WARNING ae_bench|ERROR|Error|Traceback|budget|exited" "$LOG" | tail -n 40
 echo
-if [ -s "$OUT/table.md" ]; then cat "$OUT/table.md"; else echo "no results"; fi
+if [ -s "$OUT/table.md" ]; then cat "$OUT/table.md"; else echo "no bench.py results"; fi
+if [ -s "$OUT/pass_table.md" ]; then echo; cat "$OUT/pass_table.md"; fi
 exit $RC

@@ -80,3 +80,30 @@ def test_narrow_twin_is_the_real_layout_and_ae_reads_the_same_layers(bench, arch
     assert torch.isfinite(out).all()
     assert sorted(record.losses) == [0]
     assert record.layers == _layers(arch)
+
+
+def test_pass_timing_script_times_step_and_passes_and_profiles(comfy_root, tmp_path):
+    """``benchmarks/pass_timing.py`` on the narrow SD1.5 twin: every measurement present, the layers each pass reads,
+    and a profile table per pass (timings themselves are not asserted)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pass_timing.py"), "--arch", "sd15",
+                          "--repeats", "1", "--warmup", "0", "--profile", str(tmp_path), "--comfy-root",
+                          str(comfy_root)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            rows[(r["what"], r["blocks"])] = r
+    assert set(rows) == {("step", None), ("pass_forward", "all"), ("pass", "all"), ("pass_forward", "down_mid"),
+                         ("pass", "down_mid")}
+    assert rows[("step", None)]["vs_step"] == 1.0 and rows[("step", None)]["model"] == "narrow"
+    assert (rows[("pass", "all")]["layers"], rows[("pass", "down_mid")]["layers"]) == (5, 2)
+    assert all(r["ms"] > 0 and r["level"] == "4x4" for r in rows.values())
+    for blocks in ("all", "down_mid"):
+        assert "aten::" in (tmp_path / f"pass_sd15_narrow_{blocks}.txt").read_text()

@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""Time one A&E gradient pass against one plain sampling step on the same UNet: where does a pass's time go?
+
+The UNet is ComfyUI's, built from random weights and loaded under ``inference_mode`` as the loader node does (the
+real SD1.5 / SDXL layouts on CUDA; on a CPU by default their ``narrow`` twins, whose timings are host overhead:
+see ``bench.py --model``). Interleaved, median of ``--repeats``:
+
+- ``step``: one CFG forward at batch 2B under inference mode (the UNet's share of a plain sampling step);
+- ``pass_forward``: the gradient pass's forward with autograd recording, up to its stop, plus the loss;
+- ``pass``: forward and backward to the latent, with the sampler's own capture patches, stop, loss and weight
+  aliases (only ComfyUI's ``calc_cond_batch`` bookkeeping around it is left out: it measured < 1 %).
+
+On CUDA every measurement is repeated with cuDNN's benchmark mode on (autotuned convolution algorithms), and
+``--profile DIR`` writes the operators of a few passes by device time. Output: JSON lines, then a Markdown table.
+
+    python benchmarks/pass_timing.py --device cuda --arch sd15,sdxl --profile bench_out/pass_profile
+    python benchmarks/pass_timing.py --device cpu --arch sd15,sdxl --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (architectures, random weights, loader, ComfyUI set-up)
+
+log = logging.getLogger("ae_pass_timing")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--arch", type=bench._csv(str), default=["sd15", "sdxl"], help="sd15,sdxl")
+    p.add_argument("--model", choices=("auto", "full", "narrow", "tiny"), default="auto",
+                   help="UNet layout (auto: full on CUDA, narrow on the CPU)")
+    p.add_argument("--size", type=int, default=0, help="image side in px (0: 512/1024 for full, else 128)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--blocks", type=bench._csv(str), default=["all", "down_mid"])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--profile", type=Path, default=None, help="folder for the per-pass operator tables")
+    p.add_argument("--comfy-root", default=None)
+    p.add_argument("--markdown", type=Path, default=None)
+    args = p.parse_args(argv)
+    for arch in args.arch:
+        if arch not in bench.ARCHS:
+            p.error(f"unknown --arch {arch!r}; choose from {', '.join(bench.ARCHS)}")
+    if args.repeats < 1 or args.batch < 1:
+        p.error("--repeats and --batch must be positive")
+    return args
+
+
+class Subject:
+    """One loaded UNet with the inputs of a sampling call and the sampler's pass machinery."""
+
+    def __init__(self, arch: str, variant: str, size: int, batch: int, device, pack) -> None:
+        import comfy.model_management
+        import torch
+        from comfy.ldm.modules import attention as comfy_attention
+
+        self.torch, self.device, self.pack, self.batch = torch, device, pack, batch
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        sd = bench.random_state_dict(arch, variant, device, dtype, seed=0)
+        with torch.inference_mode():
+            self.patcher = bench.load_unet(sd, arch, variant, dtype)
+            comfy.model_management.load_models_gpu([self.patcher])
+        del sd
+        self.unet = self.patcher.model.diffusion_model
+        self.attention = comfy_attention.optimized_attention
+        side = size // 8
+        self.target_hw = pack.sampling.target_resolution((side, side), 0, "pass_timing")
+        gen = torch.Generator().manual_seed(1)
+        cfg = bench.unet_config(arch, variant)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=gen).to(device, dtype)
+
+        with torch.inference_mode():
+            self.x2, self.ctx2 = randn(2 * batch, 4, side, side), randn(2 * batch, bench.NUM_KEYS, cfg["context_dim"])
+            self.y2 = randn(2 * batch, cfg["adm_in_channels"]) if cfg.get("adm_in_channels") else None
+        self.t2 = torch.full((2 * batch,), 500.0, device=device, dtype=dtype)
+        self.x = self.x2[:batch].clone()
+        self.slots = pack.loss.slot_mask(bench.NUM_KEYS, "all_but_bos_last")
+        self.weights = pack.guidance.AutogradWeights([self.unet])
+
+    def _call(self, x, n: int, attn2: dict):
+        y = None if self.y2 is None else self.y2[:n]
+        return self.unet(x, self.t2[:n], context=self.ctx2[:n], y=y,
+                         transformer_options={"patches_replace": {"attn2": attn2}})
+
+    def targets(self, blocks: str) -> list:
+        """The layers the sampler's first pass finds: those of the selected blocks at the target level."""
+        capture = self.pack.capture
+        keys = self.pack.sampling.select_blocks(capture.attn2_keys(self.unet), blocks)
+        probe = capture.GradCapture(self.target_hw, None, self.attention)
+        with self.torch.inference_mode():
+            try:
+                self._call(self.x, self.batch, {k: probe.patch(k) for k in keys})
+            except capture.StopForward:
+                pass
+        return [k for k in keys if probe.seen.get(k) == self.target_hw]
+
+    def step(self) -> None:
+        with self.torch.inference_mode():
+            self._call(self.x2, 2 * self.batch, {})
+
+    def _forward(self, targets: list):
+        capture, loss = self.pack.capture, self.pack.loss
+        cap = capture.GradCapture(self.target_hw, targets[-1], self.attention)
+        patches = {k: cap.patch(k) for k in targets}
+
+        def forward(leaf):
+            try:
+                self._call(leaf, self.batch, patches)
+            except capture.StopForward:
+                pass
+            maxima = loss.subject_max_attention(cap.aggregate(), bench.SUBJECT_INDICES, self.slots)
+            return loss.ae_loss(maxima), maxima
+
+        return forward
+
+    def pass_forward(self, targets: list) -> None:
+        torch = self.torch
+        with self.weights.active(), torch.inference_mode(False), torch.enable_grad():
+            self._forward(targets)(self.x.detach().clone().requires_grad_(True))
+
+    def full_pass(self, targets: list) -> None:
+        self.pack.guidance.loss_and_grad(self._forward(targets), self.x, self.weights)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
+
+def time_all(subject: Subject, fns: dict, repeats: int, warmup: int) -> dict[str, float]:
+    """Median milliseconds per function, the functions interleaved so that drifts hit all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    subject.sync()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            subject.sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def profile(subject: Subject, targets: list, path: Path) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    cuda = subject.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(3):
+            subject.full_pass(targets)
+        subject.sync()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=50, max_name_column_width=70))
+    log.info("profile of 3 passes written to %s", path)
+
+
+def rows(args: argparse.Namespace, pack) -> list[dict[str, Any]]:
+    import comfy.model_management
+    import torch
+
+    device = torch.device(args.device)
+    variant = args.model if args.model != "auto" else ("full" if device.type == "cuda" else "narrow")
+    out = []
+    for arch in args.arch:
+        size = args.size or ((512 if arch == "sd15" else 1024) if variant == "full" else 128)
+        subject = Subject(arch, variant, size, args.batch, device, pack)
+        targets = {blocks: subject.targets(blocks) for blocks in args.blocks}
+        fns = {"step": subject.step}
+        what = {"step": ("step", None)}
+        for blocks, keys in targets.items():
+            fns[f"pass_forward_{blocks}"] = functools.partial(subject.pass_forward, keys)
+            fns[f"pass_{blocks}"] = functools.partial(subject.full_pass, keys)
+            what[f"pass_forward_{blocks}"], what[f"pass_{blocks}"] = ("pass_forward", blocks), ("pass", blocks)
+        for cudnn_benchmark in ([False, True] if device.type == "cuda" else [None]):
+            base = {"arch": arch, "model": variant, "size": size, "batch": args.batch, "device": args.device,
+                    "level": f"{subject.target_hw[0]}x{subject.target_hw[1]}", **bench.backend_facts(device)}
+            if cudnn_benchmark is not None:
+                torch.backends.cudnn.benchmark = base["cudnn_benchmark"] = cudnn_benchmark
+            ms = time_all(subject, fns, args.repeats, args.warmup)
+            for name, value in ms.items():
+                kind, blocks = what[name]
+                row = {**base, "what": kind, "blocks": blocks, "ms": round(value, 3),
+                       "vs_step": round(value / ms["step"], 3)}
+                if blocks is not None:
+                    row["layers"] = len(targets[blocks])
+                out.append(row)
+        if args.profile is not None:
+            for blocks, keys in targets.items():
+                profile(subject, keys, args.profile / f"pass_{arch}_{variant}_{blocks}.txt")
+        del subject, fns
+        comfy.model_management.unload_all_models()
+        comfy.model_management.soft_empty_cache()
+    return out
+
+
+def markdown(table: list[dict[str, Any]]) -> str:
+    lines = ["| arch | model | size | batch | level | cuDNN benchmark | measured | blocks | layers | ms | × step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        lines.append(f"| {r['arch']} | {r['model']} | {r['size']}² | {r['batch']} | {r['level']} | "
+                     f"{bench._fmt(r.get('cudnn_benchmark'))} | {r['what']} | {r['blocks'] or '–'} | "
+                     f"{r.get('layers', '–')} | {r['ms']:.1f} | {r['vs_step']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    args = parse_args(argv)
+    stdout = sys.stdout
+    sys.stdout = sys.stderr  # ComfyUI's own prints must not mix into the results
+    try:
+        bench.setup_comfy(args.comfy_root, cpu=args.device == "cpu")
+        import torch
+
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            log.error("--device cuda: torch sees no CUDA device")
+            return 2
+        pack = bench.import_pack()
+        table = rows(args, pack)
+    finally:
+        sys.stdout = stdout
+    for r in table:
+        sys.stdout.write(json.dumps(r) + "\n")
+    md = markdown(table)
+    sys.stdout.write(md)
+    if args.markdown:
+        args.markdown.write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
