@@ -8,7 +8,8 @@ see ``bench.py --model``). Interleaved, median of ``--repeats``:
 - ``step``: one CFG forward at batch 2B under inference mode (the UNet's share of a plain sampling step);
 - ``pass_forward``: the gradient pass's forward with autograd recording, up to its stop, plus the loss;
 - ``pass``: forward and backward to the latent, with the sampler's own capture patches, stop, loss and weight
-  aliases (only ComfyUI's ``calc_cond_batch`` bookkeeping around it is left out: it measured < 1 %).
+  aliases (only the bookkeeping of ComfyUI's ``calc_cond_batch`` around it is left out: on the narrow layouts it did
+  not change a pass measurably).
 
 On CUDA every measurement is repeated with cuDNN's benchmark mode on (autotuned convolution algorithms), and
 ``--profile DIR`` writes the operators of a few passes by device time. Output: JSON lines, then a Markdown table.
