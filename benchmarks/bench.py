@@ -225,6 +225,23 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def simple_table(columns: list[tuple[str, Callable[[dict], Any]]], rows: list[dict]) -> str:
+    """Markdown table: one ``(header, cell of a row)`` pair per column."""
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(cell(r)) for _, cell in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: list[dict], table: str, markdown: Path | None, stream: TextIO) -> None:
+    """JSON lines (floats rounded to 4 places), then the Markdown ``table``, to ``stream``; the table to ``markdown``
+    too."""
+    for r in rows:
+        stream.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}) + "\n")
+    stream.write(table)
+    if markdown is not None:
+        markdown.write_text(table, encoding="utf-8")
+
+
 class Emitter:
     """Writes each measurement as it is made: stdout, the JSONL file and a rewritten Markdown file."""
 

@@ -21,7 +21,6 @@ Output: JSON lines, then a Markdown table. ``docs/performance.md`` turns the cou
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -206,14 +205,13 @@ def rows(args: argparse.Namespace, pack) -> list[dict[str, Any]]:
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
-    head = ("| arch | size | batch | level | pass | layers read | TFLOP | × step | ops | × step | saved GiB |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|")
-    lines = [head]
-    for r in table:
-        lines.append(f"| {r['arch']} | {r['size']}² | {r['batch']} | {r['level']} | {r['pass']} | "
-                     f"{r.get('layers', '–')} | {r['tflop']:.3f} | {bench._fmt(r.get('tflop_vs_step'))} | {r['ops']} | "
-                     f"{bench._fmt(r.get('ops_vs_step'))} | {r['saved_gib']:.2f} |")
-    return "\n".join(lines) + "\n"
+    return bench.simple_table([
+        ("arch", lambda r: r["arch"]), ("size", lambda r: f"{r['size']}²"), ("batch", lambda r: r["batch"]),
+        ("level", lambda r: r["level"]), ("pass", lambda r: r["pass"]), ("layers read", lambda r: r.get("layers", "–")),
+        ("TFLOP", lambda r: f"{r['tflop']:.3f}"), ("× step", lambda r: bench._fmt(r.get("tflop_vs_step"))),
+        ("ops", lambda r: r["ops"]), ("× step", lambda r: bench._fmt(r.get("ops_vs_step"))),
+        ("saved GiB", lambda r: f"{r['saved_gib']:.2f}"),
+    ], table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,12 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.setup_comfy(args.comfy_root, cpu=True)
     pack = bench.import_pack()
     table = rows(args, pack)
-    for r in table:
-        sys.stdout.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}) + "\n")
-    md = markdown(table)
-    sys.stdout.write(md)
-    if args.markdown:
-        args.markdown.write_text(md)
+    bench.write_results(table, markdown(table), args.markdown, sys.stdout)
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import statistics
 import sys
@@ -214,13 +213,13 @@ def rows(args: argparse.Namespace, pack) -> list[dict[str, Any]]:
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
-    lines = ["| arch | model | size | batch | level | cuDNN benchmark | measured | blocks | layers | ms | × step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in table:
-        lines.append(f"| {r['arch']} | {r['model']} | {r['size']}² | {r['batch']} | {r['level']} | "
-                     f"{bench._fmt(r.get('cudnn_benchmark'))} | {r['what']} | {r['blocks'] or '–'} | "
-                     f"{r.get('layers', '–')} | {r['ms']:.1f} | {r['vs_step']:.2f} |")
-    return "\n".join(lines) + "\n"
+    return bench.simple_table([
+        ("arch", lambda r: r["arch"]), ("model", lambda r: r["model"]), ("size", lambda r: f"{r['size']}²"),
+        ("batch", lambda r: r["batch"]), ("level", lambda r: r["level"]),
+        ("cuDNN benchmark", lambda r: bench._fmt(r.get("cudnn_benchmark"))), ("measured", lambda r: r["what"]),
+        ("blocks", lambda r: r["blocks"] or "–"), ("layers", lambda r: r.get("layers", "–")),
+        ("ms", lambda r: f"{r['ms']:.1f}"), ("× step", lambda r: f"{r['vs_step']:.2f}"),
+    ], table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,12 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         table = rows(args, pack)
     finally:
         sys.stdout = stdout
-    for r in table:
-        sys.stdout.write(json.dumps(r) + "\n")
-    md = markdown(table)
-    sys.stdout.write(md)
-    if args.markdown:
-        args.markdown.write_text(md)
+    bench.write_results(table, markdown(table), args.markdown, sys.stdout)
     return 0
 
 

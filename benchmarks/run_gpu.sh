@@ -61,16 +61,22 @@ export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DIFFUSERS_NO_ADVISORY_WARNING
 } >> "$LOG"
 
 RC=0
-bench() {
-  local left=$(( BUDGET - ($(date +%s) - START) ))
-  if [ "$left" -le 30 ]; then
-    echo "budget spent: skipped $*" | tee -a "$LOG" >&2
+LEFT=0
+# budget_left MIN WHAT: sets LEFT to the seconds of budget left; fails (and logs WHAT as skipped) under MIN
+budget_left() {
+  LEFT=$(( BUDGET - ($(date +%s) - START) ))
+  if [ "$LEFT" -le "$1" ]; then
+    echo "budget spent: skipped $2" | tee -a "$LOG" >&2
     RC=1
-    return
+    return 1
   fi
-  echo "== bench.py $* (budget ${left}s)" >> "$LOG"
+  echo "== $2 (budget ${LEFT}s)" >> "$LOG"
+}
+
+bench() {
+  budget_left 30 "bench.py $*" || return
   python3 benchmarks/bench.py --device "$DEVICE" --steps "$STEPS" --repeats "$REPEATS" --warmup-steps "$WARMUP_STEPS" \
-    --budget-s "$left" --comfy-root "$COMFYUI_ROOT" --out "$OUT/results.jsonl" --append "${EXTRA[@]}" "$@" \
+    --budget-s "$LEFT" --comfy-root "$COMFYUI_ROOT" --out "$OUT/results.jsonl" --append "${EXTRA[@]}" "$@" \
     > /dev/null 2>> "$LOG" \
     || { echo "bench.py $* exited with $?" | tee -a "$LOG" >&2; RC=1; }
   if [ -s "$OUT/results.jsonl" ]; then
@@ -85,14 +91,8 @@ case "$PART" in all|sd15|sd15-b4) bench --arch sd15 --batch 4 --diffusers ;; esa
 case "$PART" in all|sd15-down-mid) bench --arch sd15 --batch 1 --blocks down_mid ;; esac
 
 passes() {
-  local left=$(( BUDGET - ($(date +%s) - START) ))
-  if [ "$left" -le 60 ]; then
-    echo "budget spent: skipped pass_timing.py" | tee -a "$LOG" >&2
-    RC=1
-    return
-  fi
-  echo "== pass_timing.py (budget ${left}s)" >> "$LOG"
-  timeout "$left" python3 benchmarks/pass_timing.py --device "$DEVICE" --arch sd15,sdxl --comfy-root "$COMFYUI_ROOT" \
+  budget_left 60 "pass_timing.py" || return
+  timeout "$LEFT" python3 benchmarks/pass_timing.py --device "$DEVICE" --arch sd15,sdxl --comfy-root "$COMFYUI_ROOT" \
     --profile "$OUT/pass_profile" --markdown "$OUT/pass_table.md" > "$OUT/pass_timing.jsonl" 2>> "$LOG" \
     || { echo "pass_timing.py exited with $?" | tee -a "$LOG" >&2; RC=1; }
 }
