@@ -484,6 +484,54 @@ def timed_runs(run: Callable[[], Any], repeats: int, device, peak: PeakMemory,
     return times, (max(peaks) if peaks else None), out
 
 
+def profile_table(run: Callable[[], Any], device, path: Path, row_limit: int) -> None:
+    """Profile ``run()`` with torch.profiler and write its operators by self device time (self CPU time on the CPU)
+    to ``path``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        run()
+        sync(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=row_limit, max_name_column_width=70))
+    log.info("profile written to %s (torch %s)", path, torch.__version__)
+
+
+def target_layers(call: Callable[[dict], Any], pack, target_hw: tuple[int, int], keys: list, attention) -> list:
+    """The layers the sampler's first gradient pass finds: those of ``keys`` that run at ``target_hw``.
+
+    ``call(attn2_patches)`` runs the UNet once (the caller picks the grad mode)."""
+    probe = pack.capture.GradCapture(target_hw, None, attention)
+    try:
+        call({k: probe.patch(k) for k in keys})
+    except pack.capture.StopForward:
+        pass
+    return [k for k in keys if probe.seen.get(k) == target_hw]
+
+
+def pass_forward(call: Callable[[Any, dict], Any], pack, target_hw: tuple[int, int], targets: list, attention,
+                 slots) -> Callable:
+    """The sampler's gradient-pass forward around ``call(x, attn2_patches)`` (one UNet run): capture the target
+    layers, stop after the last, A&E loss. Returns ``forward(leaf) -> (loss (B,), maxima (B, S))``."""
+    capture, loss = pack.capture, pack.loss
+    cap = capture.GradCapture(target_hw, targets[-1], attention)
+    patches = {k: cap.patch(k) for k in targets}
+
+    def forward(leaf):
+        try:
+            call(leaf, patches)
+        except capture.StopForward:
+            pass
+        maxima = loss.subject_max_attention(cap.aggregate(), SUBJECT_INDICES, slots)
+        return loss.ae_loss(maxima), maxima
+
+    return forward
+
+
 def load_unet(sd: dict, arch: str, variant: str, dtype):
     """A ModelPatcher for the UNet state dict ``sd``, as the UNet loader node makes it (call in inference mode).
 
@@ -722,20 +770,8 @@ class Bench:
         return median
 
     def profile(self, run: Callable[[], Any], name: str) -> None:
-        """One profiled run: operator/kernel table by device time (CPU time on the CPU) into ``--profile``."""
-        from torch.profiler import ProfilerActivity, profile
-
-        torch = self.torch
-        cuda = self.device.type == "cuda"
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=acts) as prof:
-            run()
-            sync(self.device)
-        self.args.profile.mkdir(parents=True, exist_ok=True)
-        path = self.args.profile / f"{name}.txt"
-        sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-        path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
-        log.info("profile written to %s (torch %s)", path, torch.__version__)
+        """One profiled run into ``--profile``."""
+        profile_table(run, self.device, self.args.profile / f"{name}.txt", row_limit=40)
 
     def comfy_inputs(self, arch: str, variant: str, batch: int, side: int):
         import comfy.sample

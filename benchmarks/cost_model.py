@@ -158,31 +158,24 @@ def gradient_pass(model: Model, batch: int, blocks: str) -> dict[str, Any]:
     backward to the latent."""
     import torch
 
-    capture_mod, loss_mod = model.pack.capture, model.pack.loss
-    keys = model.pack.sampling.select_blocks(model.keys, blocks)
-    probe = capture_mod.GradCapture(model.target_hw, None, sdpa_attention)
+    pack = model.pack
+    keys = pack.sampling.select_blocks(model.keys, blocks)
     with torch.no_grad():
-        try:
-            model.forward(model.inputs(1)[0], {k: probe.patch(k) for k in keys}, 1)
-        except capture_mod.StopForward:
-            pass
-    targets = [k for k in keys if probe.seen.get(k) == model.target_hw]
-    slots = loss_mod.slot_mask(bench.NUM_KEYS, "all_but_bos_last")
+        targets = bench.target_layers(lambda attn2: model.forward(model.inputs(1)[0], attn2, 1), pack,
+                                      model.target_hw, keys, sdpa_attention)
+    slots = pack.loss.slot_mask(bench.NUM_KEYS, "all_but_bos_last")
 
     def run():
-        capture = capture_mod.GradCapture(model.target_hw, targets[-1], sdpa_attention)
+        forward = bench.pass_forward(lambda x, attn2: model.forward(x, attn2, batch), pack, model.target_hw,
+                                     targets, sdpa_attention, slots)
         with torch.enable_grad():
             leaf = model.inputs(batch)[0].requires_grad_(True)
-            try:
-                model.forward(leaf, {k: capture.patch(k) for k in targets}, batch)
-            except capture_mod.StopForward:
-                pass
-            maxima = loss_mod.subject_max_attention(capture.aggregate(), bench.SUBJECT_INDICES, slots)
-            loss_mod.ae_loss(maxima).sum().backward(inputs=[leaf])  # as autograd.grad (which the counter rejects)
+            loss, _ = forward(leaf)
+            loss.sum().backward(inputs=[leaf])  # as autograd.grad (which the counter rejects)
 
     out = measure(run, model.param_storages)
     out["layers"] = len(targets)
-    out["last_layer"] = capture_mod.layer_name(targets[-1])
+    out["last_layer"] = pack.capture.layer_name(targets[-1])
     return out
 
 

@@ -99,34 +99,18 @@ class Subject:
 
     def targets(self, blocks: str) -> list:
         """The layers the sampler's first pass finds: those of the selected blocks at the target level."""
-        capture = self.pack.capture
-        keys = self.pack.sampling.select_blocks(capture.attn2_keys(self.unet), blocks)
-        probe = capture.GradCapture(self.target_hw, None, self.attention)
+        keys = self.pack.sampling.select_blocks(self.pack.capture.attn2_keys(self.unet), blocks)
         with self.torch.inference_mode():
-            try:
-                self._call(self.x, self.batch, {k: probe.patch(k) for k in keys})
-            except capture.StopForward:
-                pass
-        return [k for k in keys if probe.seen.get(k) == self.target_hw]
+            return bench.target_layers(lambda attn2: self._call(self.x, self.batch, attn2), self.pack,
+                                       self.target_hw, keys, self.attention)
 
     def step(self) -> None:
         with self.torch.inference_mode():
             self._call(self.x2, 2 * self.batch, {})
 
     def _forward(self, targets: list):
-        capture, loss = self.pack.capture, self.pack.loss
-        cap = capture.GradCapture(self.target_hw, targets[-1], self.attention)
-        patches = {k: cap.patch(k) for k in targets}
-
-        def forward(leaf):
-            try:
-                self._call(leaf, self.batch, patches)
-            except capture.StopForward:
-                pass
-            maxima = loss.subject_max_attention(cap.aggregate(), bench.SUBJECT_INDICES, self.slots)
-            return loss.ae_loss(maxima), maxima
-
-        return forward
+        return bench.pass_forward(lambda x, attn2: self._call(x, self.batch, attn2), self.pack, self.target_hw,
+                                  targets, self.attention, self.slots)
 
     def pass_forward(self, targets: list) -> None:
         torch = self.torch
@@ -136,9 +120,6 @@ class Subject:
     def full_pass(self, targets: list) -> None:
         self.pack.guidance.loss_and_grad(self._forward(targets), self.x, self.weights)
 
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize(self.device)
 
 
 def time_all(subject: Subject, fns: dict, repeats: int, warmup: int) -> dict[str, float]:
@@ -146,31 +127,24 @@ def time_all(subject: Subject, fns: dict, repeats: int, warmup: int) -> dict[str
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    subject.sync()
+    bench.sync(subject.device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
-            subject.sync()
+            bench.sync(subject.device)
             times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: statistics.median(v) for name, v in times.items()}
 
 
 def profile(subject: Subject, targets: list, path: Path) -> None:
-    import torch
-    from torch.profiler import ProfilerActivity
-
-    cuda = subject.device.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=acts) as prof:
+    """Operators of three gradient passes by device time."""
+    def run():
         for _ in range(3):
             subject.full_pass(targets)
-        subject.sync()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=50, max_name_column_width=70))
-    log.info("profile of 3 passes written to %s", path)
+
+    bench.profile_table(run, subject.device, path, row_limit=50)
 
 
 def rows(args: argparse.Namespace, pack) -> list[dict[str, Any]]:
