@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parent.parent
 
 AE_DEFAULTS = dict(scale_factor=20.0, guided_fraction=0.5, scale_start=1.0, scale_end=0.5,
                    refinement="0:0.05, 0.2:0.5, 0.4:0.8", max_refinement_steps=4, smoothing=True, kernel_size=3,
@@ -27,6 +31,27 @@ def load_host(comfy_inprocess, tiny_checkpoint, prompt: str, subjects: str) -> d
         neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     return dict(pack=sys.modules["comfyui_attend_excite"], model=model, clip=clip, vae=vae, pos=pos, neg=neg,
                 spec=spec, table=table)
+
+
+def load_bench(name: str = "ae_bench_for_tests"):
+    """``benchmarks/bench.py`` as a module (its architectures, random weights and loader)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def sample_custom(model, sampler, positive, negative, steps: int, side: int = 16) -> torch.Tensor:
+    """``sampler`` through ComfyUI's SamplerCustom entry point under inference mode: ``steps`` steps of the normal
+    schedule from a zero ``side`` x ``side`` latent, CFG 5, seed 0."""
+    import comfy.sample
+    import comfy.samplers
+
+    with torch.inference_mode():
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps).cpu()
+        latent = torch.zeros(1, 4, side, side)
+        return comfy.sample.sample_custom(model, comfy.sample.prepare_noise(latent, 0), 5.0, sampler, sigmas,
+                                          positive, negative, latent, disable_pbar=True, seed=0)
 
 
 def ksample(host: dict, seed: int = 3, steps: int = 8, latent: dict | None = None, positive=None, negative=None,

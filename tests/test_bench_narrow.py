@@ -7,11 +7,11 @@ layers) and if the A&E gradient pass reads the same layers there as on the real 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from host_helpers import load_bench, sample_custom
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
@@ -23,10 +23,7 @@ def bench(comfy_inprocess):
     import comfy_inprocess as ci
 
     ci.load_pack()
-    spec = importlib.util.spec_from_file_location("ae_bench_narrow_tests", REPO / "benchmarks" / "bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("ae_bench_narrow_tests")
 
 
 def _layers(family: str) -> list[str]:
@@ -42,8 +39,6 @@ def _layers(family: str) -> list[str]:
 def test_narrow_twin_is_the_real_layout_and_ae_reads_the_same_layers(bench, arch):
     import comfy.model_base
     import comfy.ops
-    import comfy.sample
-    import comfy.samplers
     import comfy.supported_models
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
@@ -72,11 +67,7 @@ def test_narrow_twin_is_the_real_layout_and_ae_reads_the_same_layers(bench, arch
     neg = [[torch.randn(1, 77, 64, generator=gen), dict(extra)]]
     record = record_mod.AttentionRecord()
     sampler = sampling.make_sampler(sampling.AEConfig(refinement=()), record)
-    with torch.inference_mode():
-        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 2).cpu()
-        latent = torch.zeros(1, 4, 16, 16)
-        out = comfy.sample.sample_custom(model, comfy.sample.prepare_noise(latent, 0), 5.0, sampler, sigmas, pos,
-                                         neg, latent, disable_pbar=True, seed=0)
+    out = sample_custom(model, sampler, pos, neg, steps=2)
     assert torch.isfinite(out).all()
     assert sorted(record.losses) == [0]
     assert record.layers == _layers(arch)

@@ -8,23 +8,14 @@ loaded under inference mode as the loader nodes do. 128 px: 16x16 latent, attent
 from __future__ import annotations
 
 import importlib
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from host_helpers import load_bench, sample_custom
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parent.parent
 SUBJECTS = (2, 5)  # "a cat and a frog": 1 a, 2 cat, 3 and, 4 a, 5 frog
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("ae_bench_for_tests", REPO / "benchmarks" / "bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +24,7 @@ def sdxl(comfy_inprocess):
     import comfy_inprocess as ci
 
     ci.load_pack()
-    bench = _bench()
+    bench = load_bench()
     sd = bench.random_state_dict("sdxl", "tiny", torch.device("cpu"), torch.float32, seed=0)
     with torch.inference_mode():
         model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": torch.float32})
@@ -52,15 +43,7 @@ def sdxl(comfy_inprocess):
 
 def _run(sdxl, sampler, steps=4):
     """``sampler`` through ComfyUI's SamplerCustom entry point, 4 euler steps, CFG 5, seed 0."""
-    import comfy.sample
-    import comfy.samplers
-
-    model = sdxl["model"]
-    with torch.inference_mode():
-        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps).cpu()
-        latent = torch.zeros(1, 4, 16, 16)
-        return comfy.sample.sample_custom(model, comfy.sample.prepare_noise(latent, 0), 5.0, sampler, sigmas,
-                                          sdxl["pos"], sdxl["neg"], latent, disable_pbar=True, seed=0)
+    return sample_custom(sdxl["model"], sampler, sdxl["pos"], sdxl["neg"], steps)
 
 
 def _sample(sdxl, **ae):
