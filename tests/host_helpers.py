@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import os
+import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -39,6 +42,14 @@ def load_bench(name: str = "ae_bench_for_tests"):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def run_benchmark(script: str, *args: str, comfy_root) -> tuple[list[dict], str]:
+    """Run ``benchmarks/<script>`` in a subprocess (one thread) on the test ComfyUI; ``(JSON-line rows, stdout)``."""
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args, "--comfy-root", str(comfy_root)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")], out.stdout
 
 
 def sample_custom(model, sampler, positive, negative, steps: int, side: int = 16) -> torch.Tensor:

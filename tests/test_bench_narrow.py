@@ -7,15 +7,12 @@ layers) and if the A&E gradient pass reads the same layers there as on the real 
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 import pytest
 import torch
-from host_helpers import load_bench, sample_custom
+from host_helpers import load_bench, run_benchmark, sample_custom
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -76,21 +73,9 @@ def test_narrow_twin_is_the_real_layout_and_ae_reads_the_same_layers(bench, arch
 def test_pass_timing_script_times_step_and_passes_and_profiles(comfy_root, tmp_path):
     """``benchmarks/pass_timing.py`` on the narrow SD1.5 twin: every measurement present, the layers each pass reads,
     and a profile table per pass (timings themselves are not asserted)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pass_timing.py"), "--arch", "sd15",
-                          "--repeats", "1", "--warmup", "0", "--profile", str(tmp_path), "--comfy-root",
-                          str(comfy_root)], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = {}
-    for line in out.stdout.splitlines():
-        if line.startswith("{"):
-            r = json.loads(line)
-            rows[(r["what"], r["blocks"])] = r
+    table, _ = run_benchmark("pass_timing.py", "--arch", "sd15", "--repeats", "1", "--warmup", "0", "--profile",
+                             str(tmp_path), comfy_root=comfy_root)
+    rows = {(r["what"], r["blocks"]): r for r in table}
     assert set(rows) == {("step", None), ("pass_forward", "all"), ("pass", "all"), ("pass_forward", "down_mid"),
                          ("pass", "down_mid")}
     assert rows[("step", None)]["vs_step"] == 1.0 and rows[("step", None)]["model"] == "narrow"

@@ -6,27 +6,16 @@ gradient pass stops and what it keeps for the backward.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from host_helpers import run_benchmark
 
 pytestmark = [pytest.mark.host]
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def rows(comfy_root):
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cost_model.py"), "--arch", "sd15",
-                          "--batch", "1,2", "--comfy-root", str(comfy_root)],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    table = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert "| sd15 | 512² | 1 | 16x16 | gradient_all |" in out.stdout
+    table, stdout = run_benchmark("cost_model.py", "--arch", "sd15", "--batch", "1,2", comfy_root=comfy_root)
+    assert "| sd15 | 512² | 1 | 16x16 | gradient_all |" in stdout
     return {(r["batch"], r["pass"]): r for r in table}
 
 
