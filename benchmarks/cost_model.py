@@ -92,7 +92,8 @@ class Model:
         spec = bench.ARCHS[arch]
         self.arch, self.size, self.spec, self.pack = arch, size, spec, pack
         self.dtype = torch.float16
-        self.unet = UNetModel(**bench.unet_config(arch, "full"), dtype=self.dtype, device="meta",
+        self.config = bench.unet_config(arch, "full")
+        self.unet = UNetModel(**self.config, dtype=self.dtype, device="meta",
                               operations=comfy.ops.disable_weight_init)
         self.unet.requires_grad_(False)
         self.param_storages = {p.untyped_storage()._cdata for p in self.unet.parameters()}
@@ -107,8 +108,8 @@ class Model:
         kw = {"device": "meta", "dtype": self.dtype}
         x = torch.empty(batch, 4, self.latent, self.latent, **kw)
         t = torch.empty(batch, **kw)
-        ctx = torch.empty(batch, bench.NUM_KEYS, bench.unet_config(self.arch, "full")["context_dim"], **kw)
-        y = torch.empty(batch, 2816, **kw) if self.spec["pooled"] else None
+        ctx = torch.empty(batch, bench.NUM_KEYS, self.config["context_dim"], **kw)
+        y = torch.empty(batch, self.config["adm_in_channels"], **kw) if self.spec["pooled"] else None
         return x, t, ctx, y
 
     def forward(self, x, attn2: dict, batch: int):
