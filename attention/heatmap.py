@@ -9,23 +9,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .loss import resoftmax, subject_columns
-from .smoothing import smooth_maps
+from .loss import subject_maps
+
+__all__ = ["subject_maps", "colorize", "overlay", "subject_strip"]
 
 # A perceptually ordered dark-blue -> cyan -> yellow -> red ramp (knots of a "jet"-like map).
 _KNOTS = torch.tensor([[0.0, 0.0, 0.5], [0.0, 0.3, 1.0], [0.0, 0.9, 0.9], [1.0, 1.0, 0.0], [1.0, 0.3, 0.0],
                        [0.6, 0.0, 0.0]])
-
-
-def subject_maps(attn: torch.Tensor, subjects: Sequence[int], slots: torch.Tensor, smooth: bool = True,
-                 kernel_size: int = 3, sigma: float = 0.5) -> torch.Tensor:
-    """The maps A&E takes the maximum of: ``(B, H, W, T) -> (B, S, H, W)`` (re-softmaxed, optionally smoothed)."""
-    b, h, w, _ = attn.shape
-    cols = subject_columns(subjects, slots)
-    maps = resoftmax(attn, slots)[..., cols].permute(0, 3, 1, 2)
-    if smooth:
-        maps = smooth_maps(maps.reshape(b * len(cols), h, w), kernel_size, sigma).reshape(b, len(cols), h, w)
-    return maps
 
 
 def colorize(v: torch.Tensor) -> torch.Tensor:

@@ -48,10 +48,27 @@ def resoftmax(attn: torch.Tensor, slots: torch.Tensor, temperature: float = 100.
     Returns:
         ``(..., slots.sum())`` float32.
     """
-    # index_select with freshly built indices (a mask made under inference mode cannot be saved for backward),
-    # found on the CPU: nonzero on a GPU tensor would wait for the device
-    idx = torch.nonzero(slots.cpu()).flatten().to(attn.device)
-    return torch.softmax(attn.float().index_select(-1, idx) * temperature, dim=-1)
+    # slices of the contiguous runs of selected slots, found on the host: no index tensor to copy to the device (a
+    # blocking copy that waits for the queued work), no mask to save for backward (one made under inference mode
+    # cannot be saved)
+    runs = slot_runs(slots)
+    parts = [attn[..., a:b] for a, b in runs]
+    picked = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    return torch.softmax(picked.float() * temperature, dim=-1)
+
+
+def slot_runs(slots: torch.Tensor) -> list[tuple[int, int]]:
+    """``[start, stop)`` spans of the consecutive ``True`` entries of the ``(T,)`` mask, in order."""
+    flags = [bool(v) for v in slots.cpu().tolist()]
+    runs: list[tuple[int, int]] = []
+    for i, on in enumerate(flags):
+        if on and (not runs or runs[-1][1] != i):
+            runs.append((i, i + 1))
+        elif on:
+            runs[-1] = (runs[-1][0], i + 1)
+    if not runs:
+        raise ValueError("the slot mask selects no key slot")
+    return runs
 
 
 def subject_columns(subjects: Sequence[int], slots: torch.Tensor) -> list[int]:
@@ -67,6 +84,35 @@ def subject_columns(subjects: Sequence[int], slots: torch.Tensor) -> list[int]:
     return out
 
 
+def subject_maps(
+    attn: torch.Tensor,
+    subjects: Sequence[int],
+    slots: torch.Tensor,
+    smooth: bool = True,
+    kernel_size: int = 3,
+    sigma: float = 0.5,
+    temperature: float = 100.0,
+) -> torch.Tensor:
+    """The maps A&E takes the maximum of: re-softmaxed (and smoothed) subject maps, ``(B, H, W, T) -> (B, S, H, W)``.
+
+    Args:
+        attn: ``(B, H, W, T)`` cross-attention probabilities averaged over heads and layers.
+        subjects: key indices (global, start token = 0) of the subject tokens.
+        slots: ``(T,)`` boolean slot mask (kept on the CPU: it is read on the host).
+    Returns:
+        ``(B, S, H, W)`` float32. No host-to-device copy and no host sync: safe inside a CUDA graph.
+    """
+    if attn.ndim != 4:
+        raise ValueError(f"attn must be (B, H, W, T), got shape {tuple(attn.shape)}")
+    b, h, w, _ = attn.shape
+    cols = subject_columns(subjects, slots)
+    probs = resoftmax(attn, slots, temperature)
+    maps = torch.stack([probs[..., c] for c in cols], dim=1)  # slices: no index tensor to copy to the device
+    if smooth:
+        maps = smooth_maps(maps.reshape(b * len(cols), h, w), kernel_size, sigma).reshape(b, len(cols), h, w)
+    return maps
+
+
 def subject_max_attention(
     attn: torch.Tensor,
     subjects: Sequence[int],
@@ -76,24 +122,9 @@ def subject_max_attention(
     sigma: float = 0.5,
     temperature: float = 100.0,
 ) -> torch.Tensor:
-    """Per-subject maximum of the re-softmaxed (and smoothed) attention map.
-
-    Args:
-        attn: ``(B, H, W, T)`` cross-attention probabilities averaged over heads and layers.
-        subjects: key indices (global, start token = 0) of the subject tokens.
-        slots: ``(T,)`` boolean slot mask.
-    Returns:
-        ``(B, S)`` float32 maxima ``m_s``.
-    """
-    if attn.ndim != 4:
-        raise ValueError(f"attn must be (B, H, W, T), got shape {tuple(attn.shape)}")
-    b, h, w, _ = attn.shape
-    cols = subject_columns(subjects, slots)
-    maps = resoftmax(attn, slots, temperature)[..., cols]  # (B, H, W, S)
-    maps = maps.permute(0, 3, 1, 2).reshape(b * len(cols), h, w)
-    if smooth:
-        maps = smooth_maps(maps, kernel_size, sigma)
-    return maps.reshape(b, len(cols), h * w).amax(dim=-1)
+    """Per-subject maximum ``m_s`` of :func:`subject_maps`: ``(B, H, W, T) -> (B, S)`` float32."""
+    maps = subject_maps(attn, subjects, slots, smooth, kernel_size, sigma, temperature)
+    return maps.flatten(2).amax(dim=-1)
 
 
 def ae_loss(maxima: torch.Tensor) -> torch.Tensor:

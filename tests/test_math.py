@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from attention.loss import ae_loss, resoftmax, slot_mask, subject_columns, subject_max_attention
+from attention.loss import ae_loss, resoftmax, slot_mask, slot_runs, subject_columns, subject_max_attention
 from attention.schedule import build_schedule, parse_refinement
 from attention.smoothing import reference_kernel_1d, reference_kernel_2d, smooth_maps
 from attention.step import x_space_step
@@ -74,6 +74,20 @@ def test_resoftmax_by_hand():
     out = resoftmax(attn, slots, temperature=100.0)
     # softmax([1, 2]) = [1, e] / (1 + e)
     assert torch.allclose(out, torch.tensor([1.0, math.e]) / (1 + math.e), atol=1e-6)
+
+
+def test_slot_runs_are_the_spans_of_selected_slots():
+    assert slot_runs(torch.tensor([False, True, True, False, True])) == [(1, 3), (4, 5)]
+    assert slot_runs(slot_mask(154, "all_but_bos_last")) == [(1, 76), (78, 153)]
+    with pytest.raises(ValueError):
+        slot_runs(torch.zeros(4, dtype=torch.bool))
+
+
+def test_resoftmax_over_several_runs_equals_selecting_the_slots():
+    attn = torch.rand(2, 3, 3, 154)
+    slots = slot_mask(154, "prompt", [1, 2, 3, 80, 81])
+    expected = torch.softmax(attn[..., slots] * 100.0, dim=-1)
+    assert torch.allclose(resoftmax(attn, slots), expected, atol=1e-6)
 
 
 def test_subject_max_attention_and_loss_by_hand():
