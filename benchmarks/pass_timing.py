@@ -50,7 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", type=Path, default=None, help="folder for the per-pass operator tables")
     p.add_argument("--comfy-root", default=None)
     p.add_argument("--markdown", type=Path, default=None)
+    p.add_argument("--graph", action="store_true",
+                   help="CUDA only: instead, time the eager pass against the same pass captured as a CUDA graph "
+                        "(cuDNN benchmark mode off)")
     args = p.parse_args(argv)
+    if args.graph and args.device != "cuda":
+        p.error("--graph needs --device cuda")
     for arch in args.arch:
         if arch not in bench.ARCHS:
             p.error(f"unknown --arch {arch!r}; choose from {', '.join(bench.ARCHS)}")
@@ -120,6 +125,27 @@ class Subject:
     def full_pass(self, targets: list) -> None:
         self.pack.guidance.loss_and_grad(self._forward(targets), self.x, self.weights)
 
+    def graphed_pass(self, targets: list):
+        """The full pass captured once as a CUDA graph (an experiment: the sampler does not do this). Returns a
+        function that copies the current latent into the graph's input and replays the pass."""
+        torch, guidance = self.torch, self.pack.guidance
+        forward, static_x = self._forward(targets), self.x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            for _ in range(3):
+                guidance.loss_and_grad(forward, static_x, self.weights)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            guidance.loss_and_grad(forward, static_x, self.weights)
+
+        def replay() -> None:
+            static_x.copy_(self.x)
+            graph.replay()
+
+        return replay
+
 
 
 def time_all(subject: Subject, fns: dict, repeats: int, warmup: int) -> dict[str, float]:
@@ -164,9 +190,9 @@ def rows(args: argparse.Namespace, pack) -> list[dict[str, Any]]:
             fns[f"pass_forward_{blocks}"] = functools.partial(subject.pass_forward, keys)
             fns[f"pass_{blocks}"] = functools.partial(subject.full_pass, keys)
             what[f"pass_forward_{blocks}"], what[f"pass_{blocks}"] = ("pass_forward", blocks), ("pass", blocks)
-        for cudnn_benchmark in ([False, True] if device.type == "cuda" else [None]):
-            base = {"arch": arch, "model": variant, "size": size, "batch": args.batch, "device": args.device,
-                    "level": f"{subject.target_hw[0]}x{subject.target_hw[1]}", **bench.backend_facts(device)}
+        base = {"arch": arch, "model": variant, "size": size, "batch": args.batch, "device": args.device,
+                "level": f"{subject.target_hw[0]}x{subject.target_hw[1]}", **bench.backend_facts(device)}
+        for cudnn_benchmark in ([] if args.graph else [False, True] if device.type == "cuda" else [None]):
             if cudnn_benchmark is not None:
                 torch.backends.cudnn.benchmark = base["cudnn_benchmark"] = cudnn_benchmark
             ms = time_all(subject, fns, args.repeats, args.warmup)
@@ -177,12 +203,40 @@ def rows(args: argparse.Namespace, pack) -> list[dict[str, Any]]:
                 if blocks is not None:
                     row["layers"] = len(targets[blocks])
                 out.append(row)
+        if args.graph:
+            out += graph_rows(subject, targets, args, base)
         if args.profile is not None:
             for blocks, keys in targets.items():
                 profile(subject, keys, args.profile / f"pass_{arch}_{variant}_{blocks}.txt")
         del subject, fns
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()
+    return out
+
+
+def graph_rows(subject: Subject, targets: dict, args: argparse.Namespace, base: dict) -> list[dict[str, Any]]:
+    """Eager pass vs the same pass replayed from a CUDA graph, with cuDNN benchmark mode off."""
+    import torch
+
+    torch.backends.cudnn.benchmark = False
+    base = {**base, "cudnn_benchmark": False}
+    fns: dict[str, Any] = {"step": subject.step}
+    what: dict[str, tuple[str, str]] = {}
+    for blocks, keys in targets.items():
+        fns[f"pass_{blocks}"], what[f"pass_{blocks}"] = functools.partial(subject.full_pass, keys), ("pass", blocks)
+        try:
+            fns[f"pass_graph_{blocks}"] = subject.graphed_pass(keys)
+            what[f"pass_graph_{blocks}"] = ("pass_graph", blocks)
+        except RuntimeError as e:  # capture refused an operation: report it, time the rest
+            log.warning("CUDA graph capture of the %s pass (%s) failed: %s", base["arch"], blocks, e)
+    ms = time_all(subject, fns, args.repeats, args.warmup)
+    out = []
+    for name, value in ms.items():
+        if name == "step":
+            continue
+        kind, blocks = what[name]
+        out.append({**base, "what": kind, "blocks": blocks, "layers": len(targets[blocks]), "ms": round(value, 3),
+                    "vs_step": round(value / ms["step"], 3)})
     return out
 
 

@@ -6,13 +6,15 @@
 #   .whl/      wheels of torchsde, trampoline and diffusers (installed here into /tmp/site, no network needed)
 #   .comfyui/  the ComfyUI 0.3.75 source (scripts/bootstrap.sh creates it)
 #
-#   [BENCH_COMMIT=<sha>] bash benchmarks/run_gpu.sh [all|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes]
+#   [BENCH_COMMIT=<sha>] bash benchmarks/run_gpu.sh [all|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs]
 #
-# Order under "all": sd15 batch 1 (+ diffusers), sdxl batch 1, sdxl batch 1 with attention_blocks=down_mid,
-# sd15 batch 4 (+ diffusers), sd15 batch 1 with down_mid; 50 steps each; then, if the budget allows, "passes":
-# benchmarks/pass_timing.py (one gradient pass vs one plain step on the real SD1.5 and SDXL UNets, cuDNN benchmark
-# mode off and on, with per-pass operator profiles in $OUT/pass_profile; about 1-2 minutes).
-# Results go to $OUT (default ./bench_out): results.jsonl (one JSON object per measurement), table.md, bench.log.
+# Order under "all", each part only while the budget allows: sd15 batch 1 (+ diffusers), sdxl batch 1 (50 steps
+# each); "passes": benchmarks/pass_timing.py (one gradient pass vs one plain step on the real SD1.5 and SDXL UNets,
+# cuDNN benchmark mode off and on, with per-pass operator profiles; about 1-2 minutes); "graphs": pass_timing.py
+# --graph (the eager pass vs the same pass replayed from a CUDA graph); then sdxl batch 1 with
+# attention_blocks=down_mid, sd15 batch 4 (+ diffusers), sd15 batch 1 with down_mid.
+# Results go to $OUT (default ./bench_out): results.jsonl (one JSON object per measurement), table.md, bench.log,
+# pass_timing.jsonl, pass_table.md, graph_timing.jsonl, graph_table.md, and profiles.tgz (the profile folders).
 # Environment: REPEATS (3), WARMUP_STEPS (10; the untimed warm-up run per measurement), BENCH_BUDGET_S (520: no
 # measurement starts later than this many seconds after the script started; keep it ~80 s under the command's time
 # limit), PROFILE (1: also write a torch.profiler table of one run per A&E measurement to $OUT/profile),
@@ -34,8 +36,8 @@ LOG="$OUT/bench.log"
 : > "$LOG"
 rm -f "$OUT/results.jsonl"
 
-case "$PART" in all|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes) ;;
-  *) echo "unknown part '$PART' (all|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes)" >&2; exit 2 ;; esac
+case "$PART" in all|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs) ;;
+  *) echo "unknown part '$PART' (all|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs)" >&2; exit 2 ;; esac
 EXTRA=(--weights "${WEIGHTS:-reference}")
 if [ "${PROFILE:-0}" = 1 ]; then EXTRA+=(--profile "$OUT/profile"); fi
 
@@ -84,23 +86,38 @@ bench() {
   fi
 }
 
-case "$PART" in all|sd15|sd15-b1) bench --arch sd15 --batch 1 --diffusers ;; esac
-case "$PART" in all|sdxl) bench --arch sdxl --batch 1 ;; esac
-case "$PART" in all|sdxl-down-mid) bench --arch sdxl --batch 1 --blocks down_mid ;; esac
-case "$PART" in all|sd15|sd15-b4) bench --arch sd15 --batch 4 --diffusers ;; esac
-case "$PART" in all|sd15-down-mid) bench --arch sd15 --batch 1 --blocks down_mid ;; esac
-
 passes() {
   budget_left 60 "pass_timing.py" || return
   timeout "$LEFT" python3 benchmarks/pass_timing.py --device "$DEVICE" --arch sd15,sdxl --comfy-root "$COMFYUI_ROOT" \
     --profile "$OUT/pass_profile" --markdown "$OUT/pass_table.md" > "$OUT/pass_timing.jsonl" 2>> "$LOG" \
     || { echo "pass_timing.py exited with $?" | tee -a "$LOG" >&2; RC=1; }
 }
+graphs() {
+  [ "$DEVICE" = cuda ] || return 0
+  budget_left 60 "pass_timing.py --graph" || return
+  timeout "$LEFT" python3 benchmarks/pass_timing.py --device "$DEVICE" --arch sd15,sdxl --comfy-root "$COMFYUI_ROOT" \
+    --graph --markdown "$OUT/graph_table.md" > "$OUT/graph_timing.jsonl" 2>> "$LOG" \
+    || { echo "pass_timing.py --graph exited with $?" | tee -a "$LOG" >&2; RC=1; }
+}
+
+case "$PART" in all|sd15|sd15-b1) bench --arch sd15 --batch 1 --diffusers ;; esac
+case "$PART" in all|sdxl) bench --arch sdxl --batch 1 ;; esac
 case "$PART" in all|passes) passes ;; esac
+case "$PART" in all|graphs) graphs ;; esac
+case "$PART" in all|sdxl-down-mid) bench --arch sdxl --batch 1 --blocks down_mid ;; esac
+case "$PART" in all|sd15|sd15-b4) bench --arch sd15 --batch 4 --diffusers ;; esac
+case "$PART" in all|sd15-down-mid) bench --arch sd15 --batch 1 --blocks down_mid ;; esac
+
+# at most 8 files come back from a lent machine: the profile folders travel as one archive
+PROFILES=()
+for d in profile pass_profile; do [ -d "$OUT/$d" ] && PROFILES+=("$d"); done
+if [ ${#PROFILES[@]} -gt 0 ]; then
+  tar czf "$OUT/profiles.tgz" -C "$OUT" "${PROFILES[@]}" && (cd "$OUT" && rm -rf "${PROFILES[@]}")
+fi
 
 echo "== done after $(( $(date +%s) - START ))s, rc=$RC" >> "$LOG"
-grep -E "WARNING ae_bench|ERROR|Error|Traceback|budget|exited" "$LOG" | tail -n 40
+grep -E "WARNING ae_|ERROR|Error|Traceback|budget|exited" "$LOG" | tail -n 40
 echo
 if [ -s "$OUT/table.md" ]; then cat "$OUT/table.md"; else echo "no bench.py results"; fi
-if [ -s "$OUT/pass_table.md" ]; then echo; cat "$OUT/pass_table.md"; fi
+for f in pass_table.md graph_table.md; do if [ -s "$OUT/$f" ]; then echo; cat "$OUT/$f"; fi; done
 exit $RC
