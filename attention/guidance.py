@@ -4,7 +4,8 @@ ComfyUI runs every node under ``torch.inference_mode()``; latents, conds and mod
 which autograd can neither track nor save. Here we leave inference mode, make the latent a fresh leaf, and, for the
 duration of each pass only, give the layers autograd-safe weights without copying them: parameters are swapped for
 normal tensors aliasing the same storage, and layers that cast their weights anyway get a weight function that
-keeps the cast copy safe to save. Pure torch: the modules are duck-typed, so this runs without ComfyUI.
+keeps the cast copy safe to save. On CUDA a run's pass can be captured once as a CUDA graph and replayed
+(:class:`GraphedPass`). Pure torch: the modules are duck-typed, so this runs without ComfyUI.
 """
 
 from __future__ import annotations
@@ -153,3 +154,86 @@ def loss_and_grad(
         else:
             grad = torch.zeros_like(leaf)
         return loss.detach().clone(), maxima.detach().clone(), grad.detach()
+
+
+class CudaGraphBackend:
+    """The CUDA pieces of :class:`GraphedPass` (a stand-in with the same three methods, whose graph re-runs the
+    captured function on replay, lets tests check the bookkeeping on a CPU)."""
+
+    @contextlib.contextmanager
+    def side_stream(self) -> Iterator[None]:
+        """Run the body on a fresh stream, then make the current stream wait for it (warm-up before capture)."""
+        current = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            yield
+        current.wait_stream(side)
+
+    def new_graph(self) -> torch.cuda.CUDAGraph:
+        return torch.cuda.CUDAGraph()
+
+    def capture(self, graph: torch.cuda.CUDAGraph, fn: Callable[[], tuple]) -> tuple:
+        """Record ``fn``'s kernels into ``graph`` (nothing runs); returns its outputs, which each replay refills.
+
+        ``relaxed``: host-side CUDA calls a host framework makes on the way (free-memory queries, say) are allowed;
+        a copy or sync on the captured stream still fails the capture."""
+        with torch.cuda.graph(graph, capture_error_mode="relaxed"):
+            return fn()
+
+
+class GraphedPass:
+    """One run's gradient pass, captured once as a CUDA graph and replayed for every later pass.
+
+    A pass launches thousands of small kernels, and on a GPU its time is mostly the host issuing them; replaying a
+    captured graph issues them all at once. ``forward(leaf, sigma) -> (loss (B,), maxima (B, S))`` must take its
+    step only from the ``sigma`` tensor it is given and must not copy data between host and device (a capture cannot
+    hold that): a graph replays fixed kernels on fixed memory, so each call copies ``x`` and ``sigma`` into static
+    buffers, replays, and clones the results out.
+
+    The first call runs the pass eagerly on a side stream (the warm-up capture needs; its results are returned) and
+    captures it. If the capture fails (an operation in the model that a graph cannot hold), the reason is kept in
+    ``failure`` and every pass runs eagerly through :func:`loss_and_grad`.
+    """
+
+    def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                 weights: AutogradWeights | None, backend=None) -> None:
+        self.forward, self.weights = forward, weights
+        self.backend = backend if backend is not None else CudaGraphBackend()
+        self.graph = None
+        self.failure: str | None = None
+        self.static: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.outputs: tuple[torch.Tensor, ...] = ()
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.failure is not None:
+            return loss_and_grad(lambda leaf: self.forward(leaf, sigma), x, self.weights)
+        if self.graph is None:
+            return self._capture(x, sigma)
+        static_x, static_sigma = self.static
+        with torch.inference_mode(False):
+            static_x.copy_(x)
+            static_sigma.copy_(sigma)
+        self.graph.replay()
+        loss, maxima, grad = (t.clone() for t in self.outputs)  # the next replay overwrites the outputs
+        return loss, maxima, grad
+
+    def _capture(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.inference_mode(False):
+            static_x, static_sigma = x.detach().clone(), torch.as_tensor(sigma, device=x.device).detach().clone()
+        self.static = (static_x, static_sigma)
+
+        def forward(leaf: torch.Tensor):
+            return self.forward(leaf, static_sigma)
+
+        with self.backend.side_stream():
+            warm = loss_and_grad(forward, static_x, self.weights)
+        result = tuple(t.clone() for t in warm)
+        graph = self.backend.new_graph()
+        try:
+            self.outputs = self.backend.capture(graph, lambda: loss_and_grad(forward, static_x, self.weights))
+        except RuntimeError as e:  # the capture refused an operation: this run's passes run eagerly
+            self.failure, self.outputs, self.static = f"{type(e).__name__}: {e}", (), None
+            return result
+        self.graph = graph
+        return result
