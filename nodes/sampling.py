@@ -7,17 +7,19 @@ after the guided steps the wrapped sampler runs the rest of the schedule in one 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass, field
 
 import comfy.model_management
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.samplers
 import torch
 from comfy.ldm.modules import attention as comfy_attention
 
-from ..attention.guidance import AutogradWeights, loss_and_grad
+from ..attention.guidance import AutogradWeights, GraphedPass, loss_and_grad
 from ..attention.loss import ae_loss, slot_mask, subject_max_attention
 from ..attention.record import AttentionRecord
 from ..attention.schedule import DEFAULT_REFINEMENT, build_schedule, parse_refinement
@@ -50,6 +52,7 @@ class AEConfig:
     token_slots: str = "auto"
     record_maps: bool = True
     weights_by_reference: bool = True  # False: one weight copy per run instead of aliases (the model size again)
+    cuda_graph: bool = True  # replay the gradient pass from a CUDA graph where that is safe (see _Run.graph_blockers)
     node: str = field(default="AttendExciteSampler", compare=False)
 
     def validate(self) -> None:
@@ -137,6 +140,8 @@ class _Run:
                 self.keys.append(key)
         self.target_keys: list[LayerKey] | None = None
         self.weights: AutogradWeights | None = None  # made at the first gradient pass (plain runs copy nothing)
+        self.graphed: GraphedPass | None = None  # made after the first gradient pass where graph_blockers allows
+        self.pass_cond: dict | None = None  # self.cond with its model inputs on the model's device
         self.record = record
         self.sigmas = sigmas
 
@@ -156,18 +161,15 @@ class _Run:
         rec = MapRecorder(self.record, self.target_hw, self.sigmas, comfy_attention.optimized_attention)
         return self._options(rec.patch, self.target_keys or self.keys)
 
-    def gradient_pass(self, x: torch.Tensor, sigma: torch.Tensor):
-        """Loss ``(B,)``, maxima ``(B, S)`` and ``dL/dx`` at ``x``; the first pass also finds the target layers."""
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        first = self.target_keys is None
-        keys = self.keys if first else self.target_keys
-        capture = GradCapture(self.target_hw, keys[-1] if keys else None, comfy_attention.optimized_attention)
+    def _pass_forward(self, capture: GradCapture, keys: list[LayerKey], cond: dict):
+        """``forward(leaf, sigma) -> (loss (B,), maxima (B, S))``: the cond-only pass through ``calc_cond_batch``
+        with ``capture``'s patches on ``keys``, stopped after the last layer that feeds the loss."""
         mo = self._options(capture.patch, keys, grad=True)
         cfg = self.cfg
 
-        def forward(leaf: torch.Tensor):
+        def forward(leaf: torch.Tensor, sigma: torch.Tensor):
             try:
-                comfy.samplers.calc_cond_batch(self.base, [[self.cond]], leaf, sigma * leaf.new_ones(leaf.shape[0]), mo)
+                comfy.samplers.calc_cond_batch(self.base, [[cond]], leaf, sigma * leaf.new_ones(leaf.shape[0]), mo)
             except StopForward:
                 pass
             if not capture.maps:
@@ -179,16 +181,97 @@ class _Run:
                                       cfg.kernel_size, cfg.sigma)
             return ae_loss(m), m
 
+        return forward
+
+    def _hooked(self) -> bool:
+        """Hook keyframes may re-patch weights inside ``calc_cond_batch``."""
+        return bool(getattr(self.base.current_patcher, "hook_patches", None)) or "hooks" in self.cond
+
+    def graph_blockers(self, x: torch.Tensor) -> list[str]:
+        """Why this run's gradient pass must not be replayed from a CUDA graph (empty: it may).
+
+        A graph replays the kernels of one pass on the same memory: everything that decides on the host per step
+        (ControlNet, hook keyframes, timestep ranges, other nodes' patches and wrappers) or moves weights (casting
+        on the fly, low-VRAM loading) would be frozen at the captured step, so such runs keep eager passes."""
+        out = []
+        if not self.cfg.cuda_graph:
+            out.append("cuda_graph is off")
+        if x.device.type != "cuda":
+            out.append(f"the model runs on {x.device.type}")
+        if self.cond.get("control") is not None:
+            out.append("ControlNet")
+        if self._hooked():
+            out.append("hooks")
+        if any(k in self.cond for k in ("timestep_start", "timestep_end")):
+            out.append("a conditioning timestep range")
+        if self.weights is not None and self.weights.cast_modules:
+            out.append("weights cast on the fly (low-VRAM loading, LoRA or manual casting)")
+        to = self.model_options.get("transformer_options", {})
+        foreign = [k for k, v in to.get("patches", {}).items() if _holds_any(v)]
+        foreign += [f"{k} replace" for k, v in to.get("patches_replace", {}).items() if _holds_any(v)]
+        foreign += [k for k in ("wrappers", "callbacks") if _holds_any(to.get(k))]
+        foreign += [k for k in ("model_function_wrapper",) if self.model_options.get(k) is not None]
+        callbacks = getattr(self.base.current_patcher, "get_all_callbacks", None)
+        if callbacks is not None and callbacks(comfy.patcher_extension.CallbacksMP.ON_PREPARE_STATE):
+            foreign.append("prepare-state callbacks")
+        if foreign:
+            out.append("model patches of other nodes (" + ", ".join(foreign) + ")")
+        return out
+
+    def gradient_pass(self, x: torch.Tensor, sigma: torch.Tensor):
+        """Loss ``(B,)``, maxima ``(B, S)`` and ``dL/dx`` at ``x``; the first pass also finds the target layers."""
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if self.graphed is not None:
+            out = self.graphed(x, sigma)
+            if self.graphed.failure is not None:
+                log.warning("%s: CUDA graph capture failed, gradient passes run eagerly: %s", self.cfg.node,
+                            self.graphed.failure)
+                self.graphed = None
+            return out
+        first = self.target_keys is None
+        keys = self.keys if first else self.target_keys
+        capture = GradCapture(self.target_hw, keys[-1] if keys else None, comfy_attention.optimized_attention)
+        if self.pass_cond is None:
+            self.pass_cond = _conds_on(self.cond, x.device)
+        forward = self._pass_forward(capture, keys, self.pass_cond)
         if self.weights is None:
-            # Hook keyframes may re-patch weights inside calc_cond_batch: then never swap parameters.
-            hooked = bool(getattr(self.base.current_patcher, "hook_patches", None)) or "hooks" in self.cond
-            self.weights = AutogradWeights([self.base, *_control_modules([self.cond])], swap=not hooked,
+            self.weights = AutogradWeights([self.base, *_control_modules([self.cond])], swap=not self._hooked(),
                                            by_reference=self.cfg.weights_by_reference)
-        out = loss_and_grad(forward, x, self.weights)
+        out = loss_and_grad(lambda leaf: forward(leaf, sigma), x, self.weights)
         if first:
             self.target_keys = [k for k in keys if capture.seen.get(k) == self.target_hw]
-            log.debug("%s: A&E reads %s", cfg.node, [layer_name(k) for k in self.target_keys])
+            log.debug("%s: A&E reads %s", self.cfg.node, [layer_name(k) for k in self.target_keys])
+            blockers = self.graph_blockers(x)
+            if blockers:
+                log.info("%s: gradient passes run eagerly (no CUDA graph): %s", self.cfg.node, "; ".join(blockers))
+            elif self.target_keys:
+                keys = self.target_keys
+                capture = GradCapture(self.target_hw, keys[-1], comfy_attention.optimized_attention)
+                self.graphed = GraphedPass(self._pass_forward(capture, keys, self.pass_cond), self.weights)
         return out
+
+
+def _holds_any(v) -> bool:
+    """Whether a (nested) patch registry holds anything: empty dicts and lists inside do not count."""
+    if isinstance(v, dict):
+        return any(_holds_any(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return any(_holds_any(x) for x in v)
+    return v is not None
+
+
+def _conds_on(cond: dict, device: torch.device) -> dict:
+    """A copy of ``cond`` whose model inputs already live on ``device`` (made once per run): the text encoder leaves
+    them on the CPU, and a copy to the GPU inside each pass waits for the queued work (and cannot be captured in a
+    graph). The cond objects are copied, never changed."""
+    model_conds = {}
+    for name, c in cond.get("model_conds", {}).items():
+        t = getattr(c, "cond", None)
+        if isinstance(t, torch.Tensor) and t.device != device:
+            c = copy.copy(c)
+            c.cond = t.to(device)
+        model_conds[name] = c
+    return {**cond, "model_conds": model_conds}
 
 
 def _clone_after_skip(h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
@@ -275,7 +358,9 @@ def sample_attend_excite(model, x, sigmas, extra_args=None, callback=None, disab
         x = base.sampler_function(model, x, sigmas[start:], extra_args=args_for(start),
                                   callback=_shift(callback, start), disable=disable, **base.extra_options)
     if sched.guided_steps:
-        log.info("%s: %d guided steps, %d gradient passes", cfg.node, sched.guided_steps, passes)
+        graphed = run.graphed is not None and run.graphed.graph is not None
+        log.info("%s: %d guided steps, %d gradient passes%s", cfg.node, sched.guided_steps, passes,
+                 " (CUDA graph)" if graphed else "", extra={"ae_passes": passes, "ae_graphed": graphed})
     return x
 
 
