@@ -98,6 +98,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "copy, the default) or copy = one copy per run")
     p.add_argument("--blocks", choices=("all", "down_mid"), default="all",
                    help="AEConfig.attention_blocks: which cross-attention layers of the level feed the loss")
+    p.add_argument("--cuda-graph", choices=("on", "off"), default="on",
+                   help="AEConfig.cuda_graph: replay the gradient pass from a CUDA graph (CUDA only)")
+    p.add_argument("--check-graph", action="store_true",
+                   help="CUDA: after each A&E measurement, one run without the CUDA graph; reports the largest "
+                        "difference of the results (graph_vs_eager_max_abs)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0 = torch's default); fewer than the cores helps on a busy machine")
     p.add_argument("--budget-s", type=float, default=0.0,
@@ -198,6 +203,8 @@ def _mode_label(row: dict) -> str:
         notes.append(row["attention_blocks"])
     if row.get("weights") == "copy":
         notes.append("weight copy")
+    if row.get("cuda_graph") == "off" and row.get("device") == "cuda":
+        notes.append("no CUDA graph")
     return f"{mode} ({', '.join(notes)})" if notes else mode
 
 
@@ -438,6 +445,35 @@ class GradForwardCounter:
         self._handle.remove()
 
 
+def fingerprint(t) -> list[float]:
+    """Mean, standard deviation and largest magnitude of a result, to compare runs that should agree."""
+    d = t.double()
+    return [round(float(v), 6) for v in (d.mean(), d.std(), d.abs().max())]
+
+
+class PassCounter(logging.Handler):
+    """Counts the A&E sampler's gradient passes from its end-of-run log record (``ae_passes``): passes replayed
+    from a CUDA graph never call the UNet module, so a forward hook would miss them."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logging.INFO)
+        self.count, self.graphed = 0, []
+        self.logger, self.level_before = logger, logger.level
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += getattr(record, "ae_passes", 0)
+        if hasattr(record, "ae_graphed"):
+            self.graphed.append(record.ae_graphed)
+
+    def close(self) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level_before)
+        super().close()
+
+
 class Deadline:
     def __init__(self, budget_s: float) -> None:
         self.end = time.monotonic() + budget_s if budget_s > 0 else None
@@ -675,7 +711,7 @@ class Bench:
                  model_class, params / 1e6, self.meta["dtype"], side, side, time.perf_counter() - t0)
         info = {"model": variant, "model_class": model_class, "unet_params_m": round(params / 1e6, 1),
                 "size": size, "latent": side, "sampler": "euler/normal", "weights": args.weights,
-                "attention_blocks": args.blocks}
+                "attention_blocks": args.blocks, "cuda_graph": args.cuda_graph}
         sampling = self.pack.sampling
         target = sampling.target_resolution((side, side), 0, "bench")
         ms = model.get_model_object("model_sampling")
@@ -729,7 +765,7 @@ class Bench:
                 return sample_comfy(model, noise, sampler, sig, pos, neg, latent, args.seed)
 
         record = self.pack.record.AttentionRecord() if mode != "plain" else None
-        counter = GradForwardCounter(model.model.diffusion_model)
+        counter = PassCounter(self.pack.sampling.log)
         try:
             tw = time.perf_counter()
             run(make(record), warm_sigmas)
@@ -745,6 +781,7 @@ class Bench:
         if args.profile and mode != "plain":
             self.profile(lambda: run(make(None)), f"{arch}_b{batch}_{mode}_{args.blocks}_{args.weights}")
         forwards = counter.count // max(len(times), 1)
+        graphed = counter.graphed[-len(times):] if times else []
         record_passes = None
         if record is not None and len(warm_sigmas) == len(sigmas) and hasattr(record, "losses"):
             record_passes = sum(len(v) for v in record.losses.values())
@@ -753,7 +790,13 @@ class Bench:
                             record_passes, forwards)
         extra = dict(info)
         extra.update({"grad_forwards": forwards, "record_passes": record_passes, "warmup_grad_forwards": warm_forwards,
-                      "output_finite": bool(torch.isfinite(out).all()), "attention_level": f"{target[0]}x{target[1]}"})
+                      "output_finite": bool(torch.isfinite(out).all()), "attention_level": f"{target[0]}x{target[1]}",
+                      "output_fingerprint": fingerprint(out), "graph_replayed": all(graphed) if graphed else None})
+        if args.check_graph and mode != "plain" and self.device.type == "cuda" and args.cuda_graph == "on":
+            eager = run(self.sampler_factory(mode, cuda_graph=False)(None))
+            diff = (out.float() - eager.float()).abs()
+            extra["graph_vs_eager_max_abs"] = round(float(diff.max()), 6)
+            extra["eager_max_abs"] = round(float(eager.float().abs().max()), 6)
         if mode == "ae_refine_cap":
             extra["cap_passes"] = cap
             if forwards != cap:
@@ -793,7 +836,7 @@ class Bench:
         noise = comfy.sample.prepare_noise(latent, self.args.seed)
         return [[pos_ctx, pos_extra]], [[neg_ctx, neg_extra]], latent, noise
 
-    def sampler_factory(self, mode: str) -> Callable:
+    def sampler_factory(self, mode: str, cuda_graph: bool | None = None) -> Callable:
         import comfy.samplers
 
         sampling = self.pack.sampling
@@ -801,7 +844,8 @@ class Bench:
             return lambda record: comfy.samplers.sampler_object("euler")
         kw = {"refinement": ()} if mode == "ae_no_refine" else {}
         cfg = sampling.AEConfig(sampler_name="euler", record_maps=False, attention_blocks=self.args.blocks,
-                                weights_by_reference=self.args.weights == "reference", **kw)
+                                weights_by_reference=self.args.weights == "reference",
+                                cuda_graph=self.args.cuda_graph == "on" if cuda_graph is None else cuda_graph, **kw)
         return lambda record: sampling.make_sampler(cfg, record)
 
     # ---- diffusers ----

@@ -6,8 +6,9 @@
 #   .whl/      wheels of torchsde, trampoline and diffusers (installed here into /tmp/site, no network needed)
 #   .comfyui/  the ComfyUI 0.3.75 source (scripts/bootstrap.sh creates it)
 #
-#   [BENCH_COMMIT=<sha>] bash benchmarks/run_gpu.sh [all|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs]
+#   [BENCH_COMMIT=<sha>] bash benchmarks/run_gpu.sh [all|headline|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs]
 #
+# "headline": sd15 batch 1 (+ diffusers) and sdxl batch 1 only (every target of the performance issue, ~3 min).
 # Order under "all", each part only while the budget allows: sd15 batch 1 (+ diffusers), sdxl batch 1 (50 steps
 # each); "passes": benchmarks/pass_timing.py (one gradient pass vs one plain step on the real SD1.5 and SDXL UNets,
 # cuDNN benchmark mode off and on, with per-pass operator profiles; about 1-2 minutes); "graphs": pass_timing.py
@@ -18,7 +19,8 @@
 # Environment: REPEATS (3), WARMUP_STEPS (10; the untimed warm-up run per measurement), BENCH_BUDGET_S (520: no
 # measurement starts later than this many seconds after the script started; keep it ~80 s under the command's time
 # limit), PROFILE (1: also write a torch.profiler table of one run per A&E measurement to $OUT/profile),
-# WEIGHTS (reference|copy), COMFYUI_ROOT (./.comfyui), BENCH_COMMIT (the commit to report when .git is not carried); for a dry run
+# WEIGHTS (reference|copy), CUDA_GRAPH (on|off: the sampler's cuda_graph option), CHECK_GRAPH (1: one extra run
+# per A&E measurement without the graph, to report how far the results differ), COMFYUI_ROOT (./.comfyui), BENCH_COMMIT (the commit to report when .git is not carried); for a dry run
 # on a CPU-only machine: BENCH_DEVICE=cpu STEPS=4 REPEATS=1 WARMUP_STEPS=2.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -36,9 +38,10 @@ LOG="$OUT/bench.log"
 : > "$LOG"
 rm -f "$OUT/results.jsonl"
 
-case "$PART" in all|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs) ;;
-  *) echo "unknown part '$PART' (all|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs)" >&2; exit 2 ;; esac
-EXTRA=(--weights "${WEIGHTS:-reference}")
+case "$PART" in all|headline|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs) ;;
+  *) echo "unknown part '$PART' (all|headline|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs)" >&2; exit 2 ;; esac
+EXTRA=(--weights "${WEIGHTS:-reference}" --cuda-graph "${CUDA_GRAPH:-on}")
+if [ "${CHECK_GRAPH:-1}" = 1 ]; then EXTRA+=(--check-graph); fi
 if [ "${PROFILE:-0}" = 1 ]; then EXTRA+=(--profile "$OUT/profile"); fi
 
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -100,8 +103,8 @@ graphs() {
     || { echo "pass_timing.py --graph exited with $?" | tee -a "$LOG" >&2; RC=1; }
 }
 
-case "$PART" in all|sd15|sd15-b1) bench --arch sd15 --batch 1 --diffusers ;; esac
-case "$PART" in all|sdxl) bench --arch sdxl --batch 1 ;; esac
+case "$PART" in all|headline|sd15|sd15-b1) bench --arch sd15 --batch 1 --diffusers ;; esac
+case "$PART" in all|headline|sdxl) bench --arch sdxl --batch 1 ;; esac
 case "$PART" in all|passes) passes ;; esac
 case "$PART" in all|graphs) graphs ;; esac
 case "$PART" in all|sdxl-down-mid) bench --arch sdxl --batch 1 --blocks down_mid ;; esac
