@@ -289,6 +289,10 @@ class Emitter:
 
 
 def git_commit() -> tuple[str | None, bool | None]:
+    """The code's commit and whether the tree differs from it; ``BENCH_COMMIT`` wins (a copied tree may carry a
+    stale ``.git``)."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"], None
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10,
                              check=True).stdout.strip()

@@ -83,3 +83,19 @@ def test_pass_timing_script_times_step_and_passes_and_profiles(comfy_root, tmp_p
     assert all(r["ms"] > 0 and r["level"] == "4x4" for r in rows.values())
     for blocks in ("all", "down_mid"):
         assert "aten::" in (tmp_path / f"pass_sd15_narrow_{blocks}.txt").read_text()
+
+
+def test_bench_script_counts_every_gradient_pass_and_reports_ratios(comfy_root):
+    """``benchmarks/bench.py`` end to end on the tiny SD1.5 layout: 4 steps = 2 guided steps; every gradient pass,
+    refinement at its cap included, counted from the sampler's own log record."""
+    table, stdout = run_benchmark("bench.py", "--device", "cpu", "--arch", "sd15", "--model", "tiny", "--size", "64",
+                                  "--steps", "4", "--repeats", "1", "--threads", "1", comfy_root=comfy_root)
+    rows = {r["mode"]: r for r in table}
+    assert set(rows) == {"plain", "ae_no_refine", "ae_refine_cap"}
+    assert rows["plain"]["grad_passes"] == 0 and rows["ae_no_refine"]["grad_passes"] == 2
+    assert rows["ae_refine_cap"]["grad_passes"] == rows["ae_refine_cap"]["cap_passes"] > 2
+    assert rows["ae_no_refine"]["graph_replayed"] is False  # CPU: passes stay eager
+    assert rows["plain"]["output_fingerprint"] != rows["ae_no_refine"]["output_fingerprint"]
+    plain = rows["plain"]["median_s"]
+    assert rows["ae_no_refine"]["ratio_to_plain"] == pytest.approx(rows["ae_no_refine"]["median_s"] / plain, rel=1e-3)
+    assert "| comfyui | sd15 | tiny |" in stdout
