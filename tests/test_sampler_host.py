@@ -173,3 +173,30 @@ def test_visualizer_renders_one_row_per_image(host):
     assert 0.0 <= float(strip.min()) and float(strip.max()) <= 1.0
     with pytest.raises(ValueError, match="unknown layers"):
         render(rec, images, 0.0, 0.5, "nope.1.0", 0.5)
+
+
+def test_why_passes_run_without_a_cuda_graph_is_logged(host, caplog):
+    caplog.set_level("INFO", logger="comfyui_attend_excite.nodes.sampling")
+    ksample(host, steps=4, refinement="")
+    assert "gradient passes run eagerly (no CUDA graph): the model runs on cpu" in caplog.text
+    caplog.clear()
+    ksample(host, steps=4, refinement="", cuda_graph=False)
+    assert "cuda_graph is off; the model runs on cpu" in caplog.text
+    assert "(CUDA graph)" not in caplog.text
+
+
+def test_pass_conds_are_copied_to_the_device_without_touching_the_callers(host):
+    import comfy.sampler_helpers
+    import comfy.samplers
+    from comfyui_attend_excite.nodes.sampling import _conds_on, _holds_any
+
+    with torch.inference_mode():
+        conds = comfy.samplers.encode_model_conds(host["model"].model.extra_conds, comfy.sampler_helpers.convert_cond(
+            host["pos"]), torch.zeros(1, 4, 32, 32), torch.device("cpu"), "positive")
+    cond = conds[0]
+    before = {k: v.cond for k, v in cond["model_conds"].items()}
+    moved = _conds_on(cond, torch.device("meta"))
+    assert moved["model_conds"]["c_crossattn"].cond.device.type == "meta"
+    assert all(cond["model_conds"][k].cond is t and t.device.type == "cpu" for k, t in before.items())
+    assert moved["attend_excite"] is cond["attend_excite"]
+    assert not _holds_any({"patches": {}, "wrappers": {"x": {"y": []}}}) and _holds_any({"a": [{"b": [len]}]})
