@@ -218,6 +218,13 @@ class _Run:
             out.append("model patches of other nodes (" + ", ".join(foreign) + ")")
         return out
 
+    def end_guidance(self) -> bool:
+        """Drop what only the gradient passes need (the graph and its memory pool, weight copies in copy mode) before
+        the unguided rest of the schedule. Returns whether the passes were replayed from a graph."""
+        graphed = self.graphed is not None and self.graphed.graph is not None
+        self.graphed, self.weights, self.pass_cond = None, None, None
+        return graphed
+
     def gradient_pass(self, x: torch.Tensor, sigma: torch.Tensor):
         """Loss ``(B,)``, maxima ``(B, S)`` and ``dL/dx`` at ``x``; the first pass also finds the target layers."""
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -314,51 +321,53 @@ def sample_attend_excite(model, x, sigmas, extra_args=None, callback=None, disab
             ea["model_options"] = run.recording_options()
         return ea
 
-    for i in range(sched.guided_steps):
-        sigma = sigmas[i]
-        if sigma_values[i] <= 0:
-            break
-        alpha = sched.step_sizes[i]
-        loss, maxima, grad = run.gradient_pass(x, sigma)
-        passes += 1
-        if ae_record is not None:
-            ae_record.add_loss(i, loss)
-        thr = sched.refinement.get(i)
-        if thr is not None:
-            target = max(0.0, 1.0 - thr)
-            running = loss > target
-            iters = 0
-            while bool(running.any()):
-                iters += 1
-                x = x_space_step(x, grad, alpha * (running & (loss != 0)).float(), sigma, sigma_data)
-                running = running & (loss > target)
-                if iters >= cfg.max_refinement_steps or not bool(running.any()):
-                    break
-                new_loss, new_max, new_grad = run.gradient_pass(x, sigma)
-                passes += 1
-                keep = running.to(new_loss.device)
-                loss = torch.where(keep, new_loss, loss)
-                grad = torch.where(keep.reshape(-1, *[1] * (grad.ndim - 1)), new_grad, grad)
-                if ae_record is not None:
-                    ae_record.add_loss(i, new_loss)
-            if iters:
-                loss, maxima, grad = run.gradient_pass(x, sigma)
-                passes += 1
-                if ae_record is not None:
-                    ae_record.add_loss(i, loss)
-                if debug:
-                    log.debug("%s: step %d refinement %d iterations, loss %s", cfg.node, i, iters, loss.tolist())
-        x = x_space_step(x, grad, alpha * (loss != 0).float(), sigma, sigma_data)
-        if debug:
-            log.debug("%s: step %d loss %s", cfg.node, i, loss.tolist())
-        x = base.sampler_function(model, x, sigmas[i:i + 2], extra_args=args_for(i), callback=_shift(callback, i),
-                                  disable=disable, **base.extra_options)
+    try:
+        for i in range(sched.guided_steps):
+            sigma = sigmas[i]
+            if sigma_values[i] <= 0:
+                break
+            alpha = sched.step_sizes[i]
+            loss, maxima, grad = run.gradient_pass(x, sigma)
+            passes += 1
+            if ae_record is not None:
+                ae_record.add_loss(i, loss)
+            thr = sched.refinement.get(i)
+            if thr is not None:
+                target = max(0.0, 1.0 - thr)
+                running = loss > target
+                iters = 0
+                while bool(running.any()):
+                    iters += 1
+                    x = x_space_step(x, grad, alpha * (running & (loss != 0)).float(), sigma, sigma_data)
+                    running = running & (loss > target)
+                    if iters >= cfg.max_refinement_steps or not bool(running.any()):
+                        break
+                    new_loss, new_max, new_grad = run.gradient_pass(x, sigma)
+                    passes += 1
+                    keep = running.to(new_loss.device)
+                    loss = torch.where(keep, new_loss, loss)
+                    grad = torch.where(keep.reshape(-1, *[1] * (grad.ndim - 1)), new_grad, grad)
+                    if ae_record is not None:
+                        ae_record.add_loss(i, new_loss)
+                if iters:
+                    loss, maxima, grad = run.gradient_pass(x, sigma)
+                    passes += 1
+                    if ae_record is not None:
+                        ae_record.add_loss(i, loss)
+                    if debug:
+                        log.debug("%s: step %d refinement %d iterations, loss %s", cfg.node, i, iters, loss.tolist())
+            x = x_space_step(x, grad, alpha * (loss != 0).float(), sigma, sigma_data)
+            if debug:
+                log.debug("%s: step %d loss %s", cfg.node, i, loss.tolist())
+            x = base.sampler_function(model, x, sigmas[i:i + 2], extra_args=args_for(i), callback=_shift(callback, i),
+                                      disable=disable, **base.extra_options)
+    finally:  # the graph pool and weight copies go before the unguided steps, also on error or interrupt
+        graphed = run.end_guidance()
     start = min(sched.guided_steps, n)
     if start < n:
         x = base.sampler_function(model, x, sigmas[start:], extra_args=args_for(start),
                                   callback=_shift(callback, start), disable=disable, **base.extra_options)
     if sched.guided_steps:
-        graphed = run.graphed is not None and run.graphed.graph is not None
         log.info("%s: %d guided steps, %d gradient passes%s", cfg.node, sched.guided_steps, passes,
                  " (CUDA graph)" if graphed else "", extra={"ae_passes": passes, "ae_graphed": graphed})
     return x

@@ -169,9 +169,10 @@ def apply_controlnet(host, cnet, strength=1.0):
                                                                      strength, 0.0, 1.0)
 
 
-def test_ae_runs_with_a_controlnet_in_its_gradient_pass(host, plain_run, controlnet):
+def test_ae_runs_with_a_controlnet_in_its_gradient_pass(host, plain_run, controlnet, caplog):
     from comfyui_attend_excite.nodes.sampling import COND_KEY
 
+    caplog.set_level("INFO", logger="comfyui_attend_excite.nodes.sampling")
     pos, neg = apply_controlnet(host, controlnet)
     assert COND_KEY in pos[0][1] and pos[0][1]["control"] is neg[0][1]["control"]
     control_model = controlnet.control_model
@@ -179,6 +180,8 @@ def test_ae_runs_with_a_controlnet_in_its_gradient_pass(host, plain_run, control
 
     # same UNet: only the ControlNet's residuals can change the step-0 loss
     assert_guided_run_differs(host, plain_run, positive=pos, negative=neg)
+    # per-step control inputs cannot be frozen into a CUDA graph: the passes stay eager, and the log says so
+    assert "ControlNet" in caplog.text.split("no CUDA graph):", 1)[1].splitlines()[0]
 
     # the ControlNet (shared by every copy of the control object) is left as found
     assert no_leftovers([control_model])
