@@ -113,18 +113,11 @@ def subject_maps(
     return maps
 
 
-def subject_max_attention(
-    attn: torch.Tensor,
-    subjects: Sequence[int],
-    slots: torch.Tensor,
-    smooth: bool = True,
-    kernel_size: int = 3,
-    sigma: float = 0.5,
-    temperature: float = 100.0,
-) -> torch.Tensor:
-    """Per-subject maximum ``m_s`` of :func:`subject_maps`: ``(B, H, W, T) -> (B, S)`` float32."""
-    maps = subject_maps(attn, subjects, slots, smooth, kernel_size, sigma, temperature)
-    return maps.flatten(2).amax(dim=-1)
+def subject_max_attention(attn: torch.Tensor, subjects: Sequence[int], slots: torch.Tensor,
+                          **options) -> torch.Tensor:
+    """Per-subject maximum ``m_s`` of :func:`subject_maps` (``options``: its keyword arguments ``smooth``,
+    ``kernel_size``, ``sigma``, ``temperature``): ``(B, H, W, T) -> (B, S)`` float32."""
+    return subject_maps(attn, subjects, slots, **options).flatten(2).amax(dim=-1)
 
 
 def ae_loss(maxima: torch.Tensor) -> torch.Tensor:

@@ -68,5 +68,5 @@ class AttentionRecord:
         """``(B, S)`` A&E maxima ``m_s`` of the aggregated map (same processing as the loss)."""
         if self.slots is None:
             raise ValueError("record has no subject metadata")
-        return subject_max_attention(self.aggregate(steps, layers), self.subjects, self.slots, self.smooth,
-                                     self.kernel_size, self.sigma)
+        return subject_max_attention(self.aggregate(steps, layers), self.subjects, self.slots, smooth=self.smooth,
+                                     kernel_size=self.kernel_size, sigma=self.sigma)

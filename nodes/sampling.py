@@ -177,8 +177,8 @@ class _Run:
                 raise ValueError(f"{cfg.node}: no cross-attention layer works at {self.target_hw[0]}x"
                                  f"{self.target_hw[1]}; this model has {seen}. Set attention_resolution to one "
                                  f"of those sides.")
-            m = subject_max_attention(capture.aggregate(), self.spec.indices, self.slots, cfg.smooth,
-                                      cfg.kernel_size, cfg.sigma)
+            m = subject_max_attention(capture.aggregate(), self.spec.indices, self.slots, smooth=cfg.smooth,
+                                      kernel_size=cfg.kernel_size, sigma=cfg.sigma)
             return ae_loss(m), m
 
         return forward
