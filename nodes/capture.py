@@ -109,24 +109,35 @@ class GradCapture:
 
 
 class MapRecorder:
-    """Records cond-branch maps at the target resolution during the ordinary sampling passes."""
+    """Records cond-branch maps at the target resolution during the ordinary sampling passes.
 
-    def __init__(self, record, target_hw: tuple[int, int], sample_sigmas: torch.Tensor,
+    ``sigma_values``: the run's schedule as host floats (read once per run). The step of a model call is found from
+    its sigma once per call, not once per layer: every layer of a call sees the same ``sigmas`` tensor, and reading
+    a GPU tensor on the host waits for the queued work.
+    """
+
+    def __init__(self, record, target_hw: tuple[int, int], sigma_values: list[float],
                  optimized_attention: Callable) -> None:
         self.record = record
         self.target_hw = target_hw
-        self.sigmas = [float(s) for s in sample_sigmas]
+        self.sigmas = list(sigma_values)
         self.optimized_attention = optimized_attention
+        self._last: tuple[torch.Tensor, int | None] | None = None  # (sigmas tensor of the last call, its step)
 
     def _step(self, extra_options: dict) -> int | None:
         sig = extra_options.get("sigmas")
         if sig is None:
             return None
+        if self._last is not None and self._last[0] is sig:
+            return self._last[1]
         s = float(sig.reshape(-1)[0])
+        step = None
         for i, ref in enumerate(self.sigmas[:-1]):
             if abs(s - ref) <= 1e-5 * max(1.0, abs(ref)):
-                return i
-        return None
+                step = i
+                break
+        self._last = (sig, step)
+        return step
 
     def patch(self, key: LayerKey) -> Callable:
         name = layer_name(key)

@@ -110,7 +110,7 @@ def _control_modules(conds: list[dict]) -> list[torch.nn.Module]:
 class _Run:
     """State of one sampling run (created per call of the sampler function; nothing outlives it)."""
 
-    def __init__(self, model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict, cfg: AEConfig,
+    def __init__(self, model, x: torch.Tensor, sigma_values: list[float], extra_args: dict, cfg: AEConfig,
                  record: AttentionRecord | None) -> None:
         self.cfg = cfg
         guider = model.inner_model
@@ -143,7 +143,8 @@ class _Run:
         self.graphed: GraphedPass | None = None  # made after the first gradient pass where graph_blockers allows
         self.pass_cond: dict | None = None  # self.cond with its model inputs on the model's device
         self.record = record
-        self.sigmas = sigmas
+        self.recorder = None if record is None else MapRecorder(record, self.target_hw, sigma_values,
+                                                                comfy_attention.optimized_attention)
 
     def _options(self, patch_for, keys, grad: bool = False) -> dict:
         mo = dict(self.model_options)
@@ -158,8 +159,7 @@ class _Run:
         return mo
 
     def recording_options(self) -> dict:
-        rec = MapRecorder(self.record, self.target_hw, self.sigmas, comfy_attention.optimized_attention)
-        return self._options(rec.patch, self.target_keys or self.keys)
+        return self._options(self.recorder.patch, self.target_keys or self.keys)
 
     def _pass_forward(self, capture: GradCapture, keys: list[LayerKey], cond: dict):
         """``forward(leaf, sigma) -> (loss (B,), maxima (B, S))``: the cond-only pass through ``calc_cond_batch``
@@ -302,7 +302,8 @@ def sample_attend_excite(model, x, sigmas, extra_args=None, callback=None, disab
     base = comfy.samplers.sampler_object(cfg.sampler_name)
     n = len(sigmas) - 1
     sched = build_schedule(n, cfg.guided_fraction, cfg.scale_factor, cfg.scale_range, cfg.refinement)
-    run = _Run(model, x, sigmas, extra_args, cfg, ae_record if cfg.record_maps else None)
+    sigma_values = sigmas.tolist()  # one host sync here instead of one per guided step
+    run = _Run(model, x, sigma_values, extra_args, cfg, ae_record if cfg.record_maps else None)
     if ae_record is not None:
         ae_record.reset(subjects=run.spec.indices, labels=run.spec.labels, slots=run.slots, smooth=cfg.smooth,
                         kernel_size=cfg.kernel_size, sigma=cfg.sigma, num_steps=n, guided_steps=sched.guided_steps)
@@ -310,7 +311,6 @@ def sample_attend_excite(model, x, sigmas, extra_args=None, callback=None, disab
     sigma_data = float(getattr(ms, "sigma_data", 1.0))
     seed = extra_args.get("seed")
     passes = 0
-    sigma_values = sigmas.tolist()  # one host sync here instead of one per guided step
     debug = log.isEnabledFor(logging.DEBUG)  # loss.tolist() in a log call would sync even when not logged
 
     def args_for(i: int) -> dict:

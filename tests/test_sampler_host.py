@@ -200,3 +200,39 @@ def test_pass_conds_are_copied_to_the_device_without_touching_the_callers(host):
     assert all(cond["model_conds"][k].cond is t and t.device.type == "cpu" for k, t in before.items())
     assert moved["attend_excite"] is cond["attend_excite"]
     assert not _holds_any({"patches": {}, "wrappers": {"x": {"y": []}}}) and _holds_any({"a": [{"b": [len]}]})
+
+
+def test_map_recorder_reads_each_model_calls_step_once(host):
+    from comfyui_attend_excite.nodes.capture import MapRecorder
+
+    class Sigmas:  # a model call's sigmas tensor that counts host reads
+        def __init__(self, value):
+            self.t, self.reads = torch.tensor([value, value]), 0
+
+        def reshape(self, *shape):
+            self.reads += 1
+            return self.t.reshape(*shape)
+
+    class Record:
+        def __init__(self):
+            self.maps = []
+
+        def add_map(self, step, layer, probs):
+            self.maps.append((step, layer, tuple(probs.shape)))
+
+    def attention(q, k, v, heads, **kw):
+        return q
+
+    record = Record()
+    rec = MapRecorder(record, (2, 2), [14.6, 3.0, 0.0], attention)
+    q, k, v = torch.rand(2, 4, 8), torch.rand(2, 77, 8), torch.rand(2, 77, 8)
+    layers = [rec.patch(("input", 1, 0)), rec.patch(("output", 3, 0))]
+    first, second = Sigmas(14.6), Sigmas(3.0)
+    for sig in (first, second):
+        for patch in layers:
+            out = patch(q, k, v, {"n_heads": 2, "sigmas": sig, "cond_or_uncond": [1, 0],
+                                  "activations_shape": [2, 8, 2, 2]})
+            assert out is q  # the output is ComfyUI's attention, untouched
+    assert (first.reads, second.reads) == (1, 1)
+    assert record.maps == [(0, "input.1.0", (1, 2, 2, 77)), (0, "output.3.0", (1, 2, 2, 77)),
+                           (1, "input.1.0", (1, 2, 2, 77)), (1, "output.3.0", (1, 2, 2, 77))]
