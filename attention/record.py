@@ -17,6 +17,7 @@ class AttentionRecord:
     ``maps[step][layer]`` is ``(B, H, W, T)`` float16 on the CPU: cond-branch cross-attention probabilities of
     that layer averaged over heads, recorded in the denoising pass of ``step`` (so after that step's A&E update).
     ``losses[step]`` lists the ``(B,)`` losses of every gradient pass at that step (main pass, then refinement).
+    Filled without waiting for the GPU; complete once the sampler has called :meth:`finish`.
     """
 
     subjects: tuple[int, ...] = ()
@@ -29,6 +30,7 @@ class AttentionRecord:
     guided_steps: int = 0
     maps: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     losses: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    _in_flight: torch.device | None = field(default=None, repr=False, compare=False)
 
     def reset(self, **meta) -> None:
         self.maps = {}
@@ -38,11 +40,25 @@ class AttentionRecord:
                 raise AttributeError(k)
             setattr(self, k, v)
 
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the CPU. From a CUDA device without waiting for it (an asynchronous copy into pinned memory):
+        a blocking copy per layer and per pass would hold the host back at every step. Valid after :meth:`finish`."""
+        if t.device.type != "cuda":
+            return t.to("cpu")
+        self._in_flight = t.device
+        return t.to("cpu", non_blocking=True)
+
     def add_map(self, step: int, layer: str, probs: torch.Tensor) -> None:
-        self.maps.setdefault(step, {})[layer] = probs.detach().to("cpu", torch.float16)
+        self.maps.setdefault(step, {})[layer] = self._to_host(probs.detach().to(torch.float16))
 
     def add_loss(self, step: int, loss: torch.Tensor) -> None:
-        self.losses.setdefault(step, []).append(loss.detach().float().cpu())
+        self.losses.setdefault(step, []).append(self._to_host(loss.detach().float()))
+
+    def finish(self) -> None:
+        """Wait for the copies still in flight (the sampler calls this when its run ends)."""
+        if self._in_flight is not None:
+            torch.cuda.synchronize(self._in_flight)
+            self._in_flight = None
 
     @property
     def steps(self) -> list[int]:

@@ -370,6 +370,8 @@ def sample_attend_excite(model, x, sigmas, extra_args=None, callback=None, disab
     if sched.guided_steps:
         log.info("%s: %d guided steps, %d gradient passes%s", cfg.node, sched.guided_steps, passes,
                  " (CUDA graph)" if graphed else "", extra={"ae_passes": passes, "ae_graphed": graphed})
+    if ae_record is not None:
+        ae_record.finish()
     return x
 
 
