@@ -100,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="AEConfig.attention_blocks: which cross-attention layers of the level feed the loss")
     p.add_argument("--cuda-graph", choices=("on", "off"), default="on",
                    help="AEConfig.cuda_graph: replay the gradient pass from a CUDA graph (CUDA only)")
+    p.add_argument("--record-maps", action="store_true",
+                   help="timed A&E runs record the attention maps and losses as the nodes do by default (the "
+                        "visualizer's input); without it they record nothing")
     p.add_argument("--check-graph", action="store_true",
                    help="CUDA: after each A&E measurement, one run without the CUDA graph; reports the largest "
                         "difference of the results (graph_vs_eager_max_abs)")
@@ -205,6 +208,8 @@ def _mode_label(row: dict) -> str:
         notes.append("weight copy")
     if row.get("cuda_graph") == "off" and row.get("device") == "cuda":
         notes.append("no CUDA graph")
+    if row.get("record_maps"):
+        notes.append("maps recorded")
     return f"{mode} ({', '.join(notes)})" if notes else mode
 
 
@@ -715,7 +720,7 @@ class Bench:
                  model_class, params / 1e6, self.meta["dtype"], side, side, time.perf_counter() - t0)
         info = {"model": variant, "model_class": model_class, "unet_params_m": round(params / 1e6, 1),
                 "size": size, "latent": side, "sampler": "euler/normal", "weights": args.weights,
-                "attention_blocks": args.blocks, "cuda_graph": args.cuda_graph}
+                "attention_blocks": args.blocks, "cuda_graph": args.cuda_graph, "record_maps": args.record_maps}
         sampling = self.pack.sampling
         target = sampling.target_resolution((side, side), 0, "bench")
         ms = model.get_model_object("model_sampling")
@@ -777,7 +782,7 @@ class Bench:
             log.info("comfyui %s b%d %s: warm-up %.2f s", arch, batch, mode, time.perf_counter() - tw)
             warm_forwards = counter.count
             counter.count = 0
-            sampler = make(None)
+            sampler = make(self.pack.record.AttentionRecord() if args.record_maps and mode != "plain" else None)
             times, peak, out = timed_runs(lambda: run(sampler), args.repeats, self.device, self.peak,
                                           self.deadline)
         finally:
@@ -847,7 +852,8 @@ class Bench:
         if mode == "plain":
             return lambda record: comfy.samplers.sampler_object("euler")
         kw = {"refinement": ()} if mode == "ae_no_refine" else {}
-        cfg = sampling.AEConfig(sampler_name="euler", record_maps=False, attention_blocks=self.args.blocks,
+        cfg = sampling.AEConfig(sampler_name="euler", record_maps=self.args.record_maps,
+                                attention_blocks=self.args.blocks,
                                 weights_by_reference=self.args.weights == "reference",
                                 cuda_graph=self.args.cuda_graph == "on" if cuda_graph is None else cuda_graph, **kw)
         return lambda record: sampling.make_sampler(cfg, record)

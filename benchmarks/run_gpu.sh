@@ -20,7 +20,8 @@
 # measurement starts later than this many seconds after the script started; keep it ~80 s under the command's time
 # limit), PROFILE (1: also write a torch.profiler table of one run per A&E measurement to $OUT/profile),
 # WEIGHTS (reference|copy), CUDA_GRAPH (on|off: the sampler's cuda_graph option), CHECK_GRAPH (1: one extra run
-# per A&E measurement without the graph, to report how far the results differ), COMFYUI_ROOT (./.comfyui), BENCH_COMMIT (the commit to report when .git is not carried); for a dry run
+# per A&E measurement without the graph, to report how far the results differ), RECORD_MAPS (1: timed runs record
+# maps and losses as the nodes do by default), COMFYUI_ROOT (./.comfyui), BENCH_COMMIT (the commit to report when .git is not carried); for a dry run
 # on a CPU-only machine: BENCH_DEVICE=cpu STEPS=4 REPEATS=1 WARMUP_STEPS=2.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -42,6 +43,7 @@ case "$PART" in all|headline|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-m
   *) echo "unknown part '$PART' (all|headline|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs)" >&2; exit 2 ;; esac
 EXTRA=(--weights "${WEIGHTS:-reference}" --cuda-graph "${CUDA_GRAPH:-on}")
 if [ "${CHECK_GRAPH:-1}" = 1 ]; then EXTRA+=(--check-graph); fi
+if [ "${RECORD_MAPS:-0}" = 1 ]; then EXTRA+=(--record-maps); fi
 if [ "${PROFILE:-0}" = 1 ]; then EXTRA+=(--profile "$OUT/profile"); fi
 
 if compgen -G ".whl/*.whl" > /dev/null; then

@@ -87,9 +87,11 @@ def test_pass_timing_script_times_step_and_passes_and_profiles(comfy_root, tmp_p
 
 def test_bench_script_counts_every_gradient_pass_and_reports_ratios(comfy_root):
     """``benchmarks/bench.py`` end to end on the tiny SD1.5 layout: 4 steps = 2 guided steps; every gradient pass,
-    refinement at its cap included, counted from the sampler's own log record."""
+    refinement at its cap included, counted from the sampler's own log record; timed runs record maps as the nodes
+    do."""
     table, stdout = run_benchmark("bench.py", "--device", "cpu", "--arch", "sd15", "--model", "tiny", "--size", "64",
-                                  "--steps", "4", "--repeats", "1", "--threads", "1", comfy_root=comfy_root)
+                                  "--steps", "4", "--repeats", "1", "--threads", "1", "--record-maps",
+                                  comfy_root=comfy_root)
     rows = {r["mode"]: r for r in table}
     assert set(rows) == {"plain", "ae_no_refine", "ae_refine_cap"}
     assert rows["plain"]["grad_passes"] == 0 and rows["ae_no_refine"]["grad_passes"] == 2
@@ -98,4 +100,5 @@ def test_bench_script_counts_every_gradient_pass_and_reports_ratios(comfy_root):
     assert rows["plain"]["output_fingerprint"] != rows["ae_no_refine"]["output_fingerprint"]
     plain = rows["plain"]["median_s"]
     assert rows["ae_no_refine"]["ratio_to_plain"] == pytest.approx(rows["ae_no_refine"]["median_s"] / plain, rel=1e-3)
-    assert "| comfyui | sd15 | tiny |" in stdout
+    assert "| comfyui | sd15 | tiny |" in stdout and "| ae_no_refine (maps recorded) |" in stdout
+    assert rows["ae_refine_cap"]["record_maps"] is True
