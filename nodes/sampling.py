@@ -198,6 +198,8 @@ class _Run:
             out.append("cuda_graph is off")
         if x.device.type != "cuda":
             out.append(f"the model runs on {x.device.type}")
+        elif x.device.index is not None and x.device.index != torch.cuda.current_device():
+            out.append(f"the model runs on {x.device}, not on the current CUDA device")  # capture follows that one
         if self.cond.get("control") is not None:
             out.append("ControlNet")
         if self._hooked():
