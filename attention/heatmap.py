@@ -9,10 +9,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .loss import subject_maps
-
-__all__ = ["subject_maps", "colorize", "overlay", "subject_strip"]
-
 # A perceptually ordered dark-blue -> cyan -> yellow -> red ramp (knots of a "jet"-like map).
 _KNOTS = torch.tensor([[0.0, 0.0, 0.5], [0.0, 0.3, 1.0], [0.0, 0.9, 0.9], [1.0, 1.0, 0.0], [1.0, 0.3, 0.0],
                        [0.6, 0.0, 0.0]])

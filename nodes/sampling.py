@@ -142,7 +142,6 @@ class _Run:
         self.weights: AutogradWeights | None = None  # made at the first gradient pass (plain runs copy nothing)
         self.graphed: GraphedPass | None = None  # made after the first gradient pass where graph_blockers allows
         self.pass_cond: dict | None = None  # self.cond with its model inputs on the model's device
-        self.record = record
         self.recorder = None if record is None else MapRecorder(record, self.target_hw, sigma_values,
                                                                 comfy_attention.optimized_attention)
 
@@ -319,7 +318,7 @@ def sample_attend_excite(model, x, sigmas, extra_args=None, callback=None, disab
         ea = dict(extra_args)
         if seed is not None and i > 0:
             ea["seed"] = seed + i  # split calls must not replay the same ancestral noise
-        if run.record is not None:
+        if run.recorder is not None:
             ea["model_options"] = run.recording_options()
         return ea
 

@@ -7,7 +7,8 @@ import math
 import torch
 from comfy_api.latest import io
 
-from ..attention.heatmap import subject_maps, subject_strip
+from ..attention.heatmap import subject_strip
+from ..attention.loss import subject_maps
 from ..attention.record import AttentionRecord
 from .samplers import AttentionMaps
 
