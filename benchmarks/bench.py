@@ -781,7 +781,7 @@ class Bench:
             sync(self.device)
             log.info("comfyui %s b%d %s: warm-up %.2f s", arch, batch, mode, time.perf_counter() - tw)
             warm_forwards = counter.count
-            counter.count = 0
+            counter.count, counter.graphed = 0, []
             sampler = make(self.pack.record.AttentionRecord() if args.record_maps and mode != "plain" else None)
             times, peak, out = timed_runs(lambda: run(sampler), args.repeats, self.device, self.peak,
                                           self.deadline)
@@ -790,7 +790,6 @@ class Bench:
         if args.profile and mode != "plain":
             self.profile(lambda: run(make(None)), f"{arch}_b{batch}_{mode}_{args.blocks}_{args.weights}")
         forwards = counter.count // max(len(times), 1)
-        graphed = counter.graphed[-len(times):] if times else []
         record_passes = None
         if record is not None and len(warm_sigmas) == len(sigmas) and hasattr(record, "losses"):
             record_passes = sum(len(v) for v in record.losses.values())
@@ -800,7 +799,8 @@ class Bench:
         extra = dict(info)
         extra.update({"grad_forwards": forwards, "record_passes": record_passes, "warmup_grad_forwards": warm_forwards,
                       "output_finite": bool(torch.isfinite(out).all()), "attention_level": f"{target[0]}x{target[1]}",
-                      "output_fingerprint": fingerprint(out), "graph_replayed": all(graphed) if graphed else None})
+                      "output_fingerprint": fingerprint(out),
+                      "graph_replayed": all(counter.graphed) if counter.graphed else None})
         if args.check_graph and mode != "plain" and self.device.type == "cuda" and args.cuda_graph == "on":
             eager = run(self.sampler_factory(mode, cuda_graph=False)(None))
             diff = (out.float() - eager.float()).abs()

@@ -126,26 +126,16 @@ class Subject:
         self.pack.guidance.loss_and_grad(self._forward(targets), self.x, self.weights)
 
     def graphed_pass(self, targets: list):
-        """The full pass captured once as a CUDA graph (an experiment: the sampler does not do this). Returns a
-        function that copies the current latent into the graph's input and replays the pass."""
-        torch, guidance = self.torch, self.pack.guidance
-        forward, static_x = self._forward(targets), self.x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-            for _ in range(3):
-                guidance.loss_and_grad(forward, static_x, self.weights)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            guidance.loss_and_grad(forward, static_x, self.weights)
-
-        def replay() -> None:
-            static_x.copy_(self.x)
-            graph.replay()
-
-        return replay
-
+        """The full pass as the sampler replays it (``GraphedPass``): captured here, on the first call. Returns a
+        function that copies the current latent into the graph's input and replays the pass; raises if the capture
+        failed."""
+        forward = self._forward(targets)
+        graphed = self.pack.guidance.GraphedPass(lambda leaf, sigma: forward(leaf), self.weights)
+        sigma = self.t2[:1]  # the bare pass takes its step from the UNet inputs, not from this
+        graphed(self.x, sigma)
+        if graphed.failure is not None:
+            raise RuntimeError(graphed.failure)
+        return functools.partial(graphed, self.x, sigma)
 
 
 def time_all(subject: Subject, fns: dict, repeats: int, warmup: int) -> dict[str, float]:
