@@ -157,18 +157,32 @@ def loss_and_grad(
 
 
 class CudaGraphBackend:
-    """The CUDA pieces of :class:`GraphedPass` (a stand-in with the same three methods, whose graph re-runs the
+    """The CUDA pieces of :class:`GraphedPass` (a stand-in with the same four methods, whose graph re-runs the
     captured function on replay, lets tests check the bookkeeping on a CPU)."""
 
-    @contextlib.contextmanager
-    def side_stream(self) -> Iterator[None]:
-        """Run the body on a fresh stream, then make the current stream wait for it (warm-up before capture)."""
+    def blocker(self, device: torch.device) -> str | None:
+        """Why passes on ``device`` cannot be captured here (``None``: they can)."""
+        if device.type != "cuda":
+            return f"the model runs on {device.type}"
+        if device.index is not None and device.index != torch.cuda.current_device():
+            return f"the model runs on {device}, not on the current CUDA device"  # a capture follows that one
+        return None
+
+    def warm_up(self, fn: Callable[[], tuple]) -> tuple:
+        """Run ``fn`` on a fresh side stream (the eager pass a capture needs first) and return its tensors, handed
+        over to the current stream: it waits for the side stream, and the caching allocator learns that the tensors
+        are used there (else their memory could be reused on the side stream while the current one still reads)."""
         current = torch.cuda.current_stream()
         side = torch.cuda.Stream()
         side.wait_stream(current)
-        with torch.cuda.stream(side):
-            yield
-        current.wait_stream(side)
+        try:
+            with torch.cuda.stream(side):
+                out = fn()
+        finally:
+            current.wait_stream(side)
+        for t in out:
+            t.record_stream(current)
+        return out
 
     def new_graph(self) -> torch.cuda.CUDAGraph:
         return torch.cuda.CUDAGraph()
@@ -191,9 +205,11 @@ class GraphedPass:
     hold that): a graph replays fixed kernels on fixed memory, so each call copies ``x`` and ``sigma`` into static
     buffers, replays, and clones the results out.
 
-    The first call runs the pass eagerly on a side stream (the warm-up capture needs; its results are returned) and
-    captures it. If the capture fails (an operation in the model that a graph cannot hold), the reason is kept in
-    ``failure`` and every pass runs eagerly through :func:`loss_and_grad`.
+    A capture needs one eager run of the same kernels on a side stream first (lazy initialisation must not happen
+    while capturing). A caller that already ran such a pass through ``backend.warm_up`` (the sampler's first pass)
+    calls :meth:`capture` right after it; otherwise the first call does both and returns the warm-up's results.
+    If the capture fails (an operation in the model that a graph cannot hold), the reason is kept in ``failure``
+    and every call runs the pass eagerly through :func:`loss_and_grad`.
     """
 
     def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
@@ -206,10 +222,15 @@ class GraphedPass:
         self.outputs: tuple[torch.Tensor, ...] = ()
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.failure is not None:
+        def eager() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             return loss_and_grad(lambda leaf: self.forward(leaf, sigma), x, self.weights)
+
+        if self.failure is not None:
+            return eager()
         if self.graph is None:
-            return self._capture(x, sigma)
+            result = self.backend.warm_up(eager)
+            self.capture(x, sigma)
+            return result
         static_x, static_sigma = self.static
         with torch.inference_mode(False):
             static_x.copy_(x)
@@ -218,22 +239,20 @@ class GraphedPass:
         loss, maxima, grad = (t.clone() for t in self.outputs)  # the next replay overwrites the outputs
         return loss, maxima, grad
 
-    def _capture(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def capture(self, x: torch.Tensor, sigma: torch.Tensor) -> bool:
+        """Capture the pass on static copies of ``x`` and ``sigma`` (nothing runs); ``False`` if the capture failed
+        (the reason is in ``failure``)."""
         with torch.inference_mode(False):
             static_x, static_sigma = x.detach().clone(), torch.as_tensor(sigma, device=x.device).detach().clone()
-        self.static = (static_x, static_sigma)
 
         def forward(leaf: torch.Tensor):
             return self.forward(leaf, static_sigma)
 
-        with self.backend.side_stream():
-            warm = loss_and_grad(forward, static_x, self.weights)
-        result = tuple(t.clone() for t in warm)
         graph = self.backend.new_graph()
         try:
             self.outputs = self.backend.capture(graph, lambda: loss_and_grad(forward, static_x, self.weights))
-        except RuntimeError as e:  # the capture refused an operation: this run's passes run eagerly
-            self.failure, self.outputs, self.static = f"{type(e).__name__}: {e}", (), None
-            return result
-        self.graph = graph
-        return result
+        except RuntimeError as e:  # the capture refused an operation: the passes run eagerly
+            self.failure, self.outputs = f"{type(e).__name__}: {e}", ()
+            return False
+        self.graph, self.static = graph, (static_x, static_sigma)
+        return True

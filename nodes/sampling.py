@@ -8,6 +8,7 @@ after the guided steps the wrapped sampler runs the rest of the schedule in one 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import comfy.samplers
 import torch
 from comfy.ldm.modules import attention as comfy_attention
 
-from ..attention.guidance import AutogradWeights, GraphedPass, loss_and_grad
+from ..attention.guidance import AutogradWeights, CudaGraphBackend, GraphedPass, loss_and_grad
 from ..attention.loss import ae_loss, slot_mask, subject_max_attention
 from ..attention.record import AttentionRecord
 from ..attention.schedule import DEFAULT_REFINEMENT, build_schedule, parse_refinement
@@ -111,8 +112,9 @@ class _Run:
     """State of one sampling run (created per call of the sampler function; nothing outlives it)."""
 
     def __init__(self, model, x: torch.Tensor, sigma_values: list[float], extra_args: dict, cfg: AEConfig,
-                 record: AttentionRecord | None) -> None:
+                 record: AttentionRecord | None, graph_backend=None) -> None:
         self.cfg = cfg
+        self.graph_backend = graph_backend if graph_backend is not None else CudaGraphBackend()
         guider = model.inner_model
         self.base = guider.inner_model
         positive = [c for c in guider.conds.get("positive", []) if COND_KEY in c]
@@ -140,7 +142,7 @@ class _Run:
                 self.keys.append(key)
         self.target_keys: list[LayerKey] | None = None
         self.weights: AutogradWeights | None = None  # made at the first gradient pass (plain runs copy nothing)
-        self.graphed: GraphedPass | None = None  # made after the first gradient pass where graph_blockers allows
+        self.graphed: GraphedPass | None = None  # captured after the first gradient pass where graph_blockers allows
         self.pass_cond: dict | None = None  # self.cond with its model inputs on the model's device
         self.recorder = None if record is None else MapRecorder(record, self.target_hw, sigma_values,
                                                                 comfy_attention.optimized_attention)
@@ -195,10 +197,9 @@ class _Run:
         out = []
         if not self.cfg.cuda_graph:
             out.append("cuda_graph is off")
-        if x.device.type != "cuda":
-            out.append(f"the model runs on {x.device.type}")
-        elif x.device.index is not None and x.device.index != torch.cuda.current_device():
-            out.append(f"the model runs on {x.device}, not on the current CUDA device")  # capture follows that one
+        device = self.graph_backend.blocker(x.device)
+        if device is not None:
+            out.append(device)
         if self.cond.get("control") is not None:
             out.append("ControlNet")
         if self._hooked():
@@ -227,15 +228,14 @@ class _Run:
         return graphed
 
     def gradient_pass(self, x: torch.Tensor, sigma: torch.Tensor):
-        """Loss ``(B,)``, maxima ``(B, S)`` and ``dL/dx`` at ``x``; the first pass also finds the target layers."""
+        """Loss ``(B,)``, maxima ``(B, S)`` and ``dL/dx`` at ``x``.
+
+        The first pass also finds the target layers and, where :meth:`graph_blockers` allows, runs on a side stream
+        as the warm-up of the CUDA graph captured right after it (the target layers' pass): every later pass of the
+        run is a replay."""
         comfy.model_management.throw_exception_if_processing_interrupted()
         if self.graphed is not None:
-            out = self.graphed(x, sigma)
-            if self.graphed.failure is not None:
-                log.warning("%s: CUDA graph capture failed, gradient passes run eagerly: %s", self.cfg.node,
-                            self.graphed.failure)
-                self.graphed = None
-            return out
+            return self.graphed(x, sigma)
         first = self.target_keys is None
         keys = self.keys if first else self.target_keys
         capture = GradCapture(self.target_hw, keys[-1] if keys else None, comfy_attention.optimized_attention)
@@ -245,18 +245,28 @@ class _Run:
         if self.weights is None:
             self.weights = AutogradWeights([self.base, *_control_modules([self.cond])], swap=not self._hooked(),
                                            by_reference=self.cfg.weights_by_reference)
-        out = loss_and_grad(lambda leaf: forward(leaf, sigma), x, self.weights)
+        blockers = self.graph_blockers(x) if first else None
+        run_pass = functools.partial(loss_and_grad, lambda leaf: forward(leaf, sigma), x, self.weights)
+        out = self.graph_backend.warm_up(run_pass) if first and not blockers else run_pass()
         if first:
             self.target_keys = [k for k in keys if capture.seen.get(k) == self.target_hw]
             log.debug("%s: A&E reads %s", self.cfg.node, [layer_name(k) for k in self.target_keys])
-            blockers = self.graph_blockers(x)
             if blockers:
                 log.info("%s: gradient passes run eagerly (no CUDA graph): %s", self.cfg.node, "; ".join(blockers))
             elif self.target_keys:
-                keys = self.target_keys
-                capture = GradCapture(self.target_hw, keys[-1], comfy_attention.optimized_attention)
-                self.graphed = GraphedPass(self._pass_forward(capture, keys, self.pass_cond), self.weights)
+                self._capture_graph(x, sigma)
         return out
+
+    def _capture_graph(self, x: torch.Tensor, sigma: torch.Tensor) -> None:
+        """Capture the target layers' pass (the first pass, just run on the side stream, was its warm-up)."""
+        keys = self.target_keys
+        capture = GradCapture(self.target_hw, keys[-1], comfy_attention.optimized_attention)
+        graphed = GraphedPass(self._pass_forward(capture, keys, self.pass_cond), self.weights, self.graph_backend)
+        if graphed.capture(x, sigma):
+            self.graphed = graphed
+        else:
+            log.warning("%s: CUDA graph capture failed, gradient passes run eagerly: %s", self.cfg.node,
+                        graphed.failure)
 
 
 def _holds_any(v) -> bool:
@@ -296,15 +306,19 @@ def _shift(callback, offset: int):
 
 @torch.no_grad()
 def sample_attend_excite(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                         ae_config: AEConfig = AEConfig(), ae_record: AttentionRecord | None = None):
-    """Attend-and-Excite (Chefer et al. 2023) around the ComfyUI sampler ``ae_config.sampler_name``."""
+                         ae_config: AEConfig = AEConfig(), ae_record: AttentionRecord | None = None,
+                         ae_graph_backend=None):
+    """Attend-and-Excite (Chefer et al. 2023) around the ComfyUI sampler ``ae_config.sampler_name``.
+
+    ``ae_graph_backend``: what captures and replays CUDA graphs (default :class:`CudaGraphBackend`; tests pass a
+    stand-in that replays on a CPU)."""
     extra_args = {} if extra_args is None else extra_args
     cfg = ae_config
     base = comfy.samplers.sampler_object(cfg.sampler_name)
     n = len(sigmas) - 1
     sched = build_schedule(n, cfg.guided_fraction, cfg.scale_factor, cfg.scale_range, cfg.refinement)
     sigma_values = sigmas.tolist()  # one host sync here instead of one per guided step
-    run = _Run(model, x, sigma_values, extra_args, cfg, ae_record if cfg.record_maps else None)
+    run = _Run(model, x, sigma_values, extra_args, cfg, ae_record if cfg.record_maps else None, ae_graph_backend)
     if ae_record is not None:
         ae_record.reset(subjects=run.spec.indices, labels=run.spec.labels, slots=run.slots, smooth=cfg.smooth,
                         kernel_size=cfg.kernel_size, sigma=cfg.sigma, num_steps=n, guided_steps=sched.guided_steps)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
+from fake_graph import FakeGraphBackend
 from torch import nn
 
 from attention.guidance import AutogradWeights, GraphedPass, autograd_safe_weights, comfy_op_modules, loss_and_grad
@@ -157,39 +156,6 @@ def test_tensor_subclass_weights_are_copied_not_aliased():
     assert torch.allclose(grad, m.weight.as_subclass(torch.Tensor).sum(0).expand(2, 3))
 
 
-class _ReplayGraph:
-    """CPU stand-in for a CUDA graph: replay re-runs the captured function and writes into the captured outputs,
-    as a real replay refills the same memory."""
-
-    def __init__(self) -> None:
-        self.fn, self.outputs, self.replays = None, (), 0
-
-    def replay(self) -> None:
-        self.replays += 1
-        for out, new in zip(self.outputs, self.fn()):
-            out.copy_(new)
-
-
-class _FakeBackend:
-    def __init__(self, fail: bool = False) -> None:
-        self.fail, self.graphs, self.side_runs = fail, [], 0
-
-    @contextlib.contextmanager
-    def side_stream(self):
-        self.side_runs += 1
-        yield
-
-    def new_graph(self):
-        self.graphs.append(_ReplayGraph())
-        return self.graphs[-1]
-
-    def capture(self, graph, fn):
-        if self.fail:
-            raise RuntimeError("operation not permitted when stream is capturing")
-        graph.fn, graph.outputs = fn, fn()
-        return graph.outputs
-
-
 def _graph_forward(m):
     # loss (B,) = sigma * m(x); maxima (B, 1) = x.sum (sigma may be an inference tensor: a clone may be saved)
     return lambda leaf, sigma: ((m(leaf).squeeze(-1) * sigma.clone()), leaf.sum(-1, keepdim=True))
@@ -199,7 +165,7 @@ def _graph_forward(m):
 def test_graphed_pass_reads_each_call_inputs_and_keeps_earlier_results(fail):
     m = _model()
     weights = AutogradWeights([m], swap=False)
-    backend = _FakeBackend(fail=fail)
+    backend = FakeGraphBackend(fail=fail)
     graphed = GraphedPass(_graph_forward(m), weights, backend)
     with torch.inference_mode():
         xs = [torch.randn(2, 3) for _ in range(3)]
@@ -210,7 +176,7 @@ def test_graphed_pass_reads_each_call_inputs_and_keeps_earlier_results(fail):
         assert torch.allclose(loss, ref_loss, atol=1e-6) and torch.allclose(grad, ref_grad, atol=1e-6)
         assert torch.equal(maxima, ref_max)
     assert not torch.allclose(got[1][2], got[2][2])  # different sigma: a different gradient, not a stale one
-    assert backend.side_runs == 1  # one warm-up pass, whose results were the first call's
+    assert backend.warm_ups == 1  # one warm-up pass, whose results were the first call's
     if fail:
         assert graphed.failure is not None and "capturing" in graphed.failure and graphed.graph is None
     else:

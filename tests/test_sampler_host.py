@@ -7,10 +7,12 @@ checkpoint loader created. 256 px images (32x32 latents): the auto attention lev
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
-from host_helpers import ksample, load_host, no_leftovers, weights_fingerprint
+from fake_graph import FakeGraphBackend
+from host_helpers import ksample, load_host, no_leftovers, sample_custom, weights_fingerprint
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
@@ -183,6 +185,43 @@ def test_why_passes_run_without_a_cuda_graph_is_logged(host, caplog):
     ksample(host, steps=4, refinement="", cuda_graph=False)
     assert "cuda_graph is off; the model runs on cpu" in caplog.text
     assert "(CUDA graph)" not in caplog.text
+
+
+def test_graphed_passes_give_the_eager_result(host, caplog):
+    """The sampler's CUDA-graph path on a CPU stand-in whose replay re-runs the captured pass: the first pass is the
+    warm-up, the target layers' pass is captured right after it, every later pass (refinement included) is a replay
+    on that pass's static inputs, and the result is the eager sampler's. A refused capture leaves eager passes."""
+    import comfy.samplers
+    from comfyui_attend_excite.attention.record import AttentionRecord
+    from comfyui_attend_excite.nodes.sampling import AEConfig, parse_refinement, sample_attend_excite
+
+    caplog.set_level("INFO", logger="comfyui_attend_excite.nodes.sampling")
+    cfg = AEConfig(refinement=parse_refinement("0:0.99"), max_refinement_steps=3)
+
+    def run(cfg, backend=None):
+        caplog.clear()
+        record = AttentionRecord()
+        sampler = comfy.samplers.KSAMPLER(sample_attend_excite, extra_options={
+            "ae_config": cfg, "ae_record": record, "ae_graph_backend": backend})
+        out = sample_custom(host["model"], sampler, host["pos"], host["neg"], steps=4)
+        losses = [float(v.flatten()[0]) for step in sorted(record.losses) for v in record.losses[step]]
+        (passes,) = [r.ae_passes for r in caplog.records if hasattr(r, "ae_passes")]
+        return out, losses, passes, caplog.text
+
+    eager, eager_losses, eager_passes, _ = run(replace(cfg, cuda_graph=False))
+    assert eager_passes == 2 + 2 + 1  # 2 guided steps; at step 0, 2 passes within 3 refinement steps, 1 recompute
+    assert len(set(eager_losses)) > 3  # each pass saw a new latent
+    for fail in (False, True):
+        backend = FakeGraphBackend(fail=fail)
+        out, losses, passes, text = run(cfg, backend)
+        assert torch.allclose(out, eager, atol=1e-6), (fail, float((out - eager).abs().max()))
+        assert losses == pytest.approx(eager_losses, abs=1e-6) and passes == eager_passes
+        assert backend.warm_ups == 1 and len(backend.graphs) == 1
+        if fail:
+            assert backend.replays == 0 and "CUDA graph capture failed, gradient passes run eagerly" in text
+            assert "(CUDA graph)" not in text
+        else:
+            assert backend.replays == passes - 1 and "gradient passes (CUDA graph)" in text
 
 
 def test_pass_conds_are_copied_to_the_device_without_touching_the_callers(host):

@@ -1,0 +1,43 @@
+"""A CPU stand-in for :class:`attention.guidance.CudaGraphBackend`: its graph re-runs the captured function on replay
+and writes into the captured outputs, as a real replay refills the same memory. It lets tests check the bookkeeping
+of captured passes (static inputs, cloned outputs, one warm-up, replays) without a GPU."""
+
+from __future__ import annotations
+
+
+class ReplayGraph:
+    def __init__(self) -> None:
+        self.fn, self.outputs, self.replays = None, (), 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        for out, new in zip(self.outputs, self.fn()):
+            out.copy_(new)
+
+
+class FakeGraphBackend:
+    """Captures on any device; ``fail=True``: every capture is refused, as CUDA refuses an uncapturable operation."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.graphs, self.warm_ups = fail, [], 0
+
+    def blocker(self, device) -> str | None:
+        return None
+
+    def warm_up(self, fn):
+        self.warm_ups += 1
+        return fn()
+
+    def new_graph(self) -> ReplayGraph:
+        self.graphs.append(ReplayGraph())
+        return self.graphs[-1]
+
+    def capture(self, graph: ReplayGraph, fn):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        graph.fn, graph.outputs = fn, fn()
+        return graph.outputs
+
+    @property
+    def replays(self) -> int:
+        return sum(g.replays for g in self.graphs)
