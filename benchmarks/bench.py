@@ -106,6 +106,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-graph", action="store_true",
                    help="CUDA: after each A&E measurement, one run without the CUDA graph; reports the largest "
                         "difference of the results (graph_vs_eager_max_abs)")
+    p.add_argument("--gc", choices=("freeze", "on"), default="freeze",
+                   help="cyclic garbage collector during the timed runs: freeze = objects that exist before them are "
+                        "left out of its scans (gc.freeze; a full scan of a process with torch, ComfyUI and diffusers "
+                        "loaded takes about 0.5 s and would land in a random repeat), on = as is; either way the "
+                        "collector's pauses in each run are reported (gc_s)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0 = torch's default); fewer than the cores helps on a busy machine")
     p.add_argument("--budget-s", type=float, default=0.0,
@@ -506,27 +511,65 @@ def free_memory(device) -> None:
         torch.cuda.empty_cache()
 
 
-def timed_runs(run: Callable[[], Any], repeats: int, device, peak: PeakMemory,
-               deadline: Deadline) -> tuple[list[float], float | None, Any]:
-    """``repeats`` timed calls of ``run`` (fewer if the deadline passes after the first): times, peak, last output."""
+class GcPauses:
+    """Seconds the cyclic garbage collector held the process while the ``with`` body ran, and how many of its
+    collections were full ones (generation 2), from ``gc.callbacks``."""
+
+    def __init__(self) -> None:
+        self.total, self.full, self._start = 0.0, 0, None
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            self.full += info.get("generation") == 2
+        elif self._start is not None:
+            self.total += time.perf_counter() - self._start
+            self._start = None
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self)
+
+
+def timed_runs(run: Callable[[], Any], repeats: int, device, peak: PeakMemory, deadline: Deadline,
+               freeze_gc: bool = True) -> tuple[list[float], float | None, Any, list[float]]:
+    """``repeats`` timed calls of ``run`` (fewer if the deadline passes after the first): times, peak, last output
+    and the garbage collector's pauses in each run. ``freeze_gc``: the objects that exist before the timed runs are
+    frozen (``gc.freeze``) while they run, so a collection scans only what the runs made."""
     times: list[float] = []
     peaks: list[float] = []
+    pauses: list[float] = []
     out = None
-    for r in range(repeats):
-        if r and deadline.passed():
-            log.warning("budget exhausted: %d of %d repeats done", r, repeats)
-            break
-        gc.collect()  # not torch.cuda.empty_cache(): re-allocating the cache would be timed too
-        peak.reset()
-        sync(device)
-        t0 = time.perf_counter()
-        out = run()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-        p = peak.read()
-        if p is not None:
-            peaks.append(p)
-    return times, (max(peaks) if peaks else None), out
+    gc.collect()
+    if freeze_gc:
+        gc.freeze()
+    try:
+        for r in range(repeats):
+            if r and deadline.passed():
+                log.warning("budget exhausted: %d of %d repeats done", r, repeats)
+                break
+            out = None
+            gc.collect()  # not torch.cuda.empty_cache(): re-allocating the cache would be timed too
+            peak.reset()
+            sync(device)
+            with GcPauses() as paused:
+                t0 = time.perf_counter()
+                out = run()
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            pauses.append(paused.total)
+            if paused.full:
+                log.info("%d full garbage collection(s) in timed run %d: %.3f s", paused.full, r + 1, paused.total)
+            p = peak.read()
+            if p is not None:
+                peaks.append(p)
+    finally:
+        if freeze_gc:
+            gc.unfreeze()  # frozen objects are never collected: only while timing
+    return times, (max(peaks) if peaks else None), out, pauses
 
 
 def profile_table(run: Callable[[], Any], device, path: Path, row_limit: int) -> None:
@@ -684,7 +727,7 @@ class Bench:
             plain: float | None, passes: int | None, **extra) -> dict:
         median = statistics.median(times)
         row = {"system": system, "arch": arch, "batch": batch, "steps": self.args.steps, "mode": mode,
-               "median_s": round(median, 5), "times_s": [round(t, 5) for t in times],
+               "median_s": round(median, 5), "min_s": round(min(times), 5), "times_s": [round(t, 5) for t in times],
                "peak_gib": None if peak_gib is None else round(peak_gib, 4),
                "ratio_to_plain": round(median / plain, 4) if plain else (1.0 if mode == "plain" else None),
                "grad_passes": passes,
@@ -720,7 +763,8 @@ class Bench:
                  model_class, params / 1e6, self.meta["dtype"], side, side, time.perf_counter() - t0)
         info = {"model": variant, "model_class": model_class, "unet_params_m": round(params / 1e6, 1),
                 "size": size, "latent": side, "sampler": "euler/normal", "weights": args.weights,
-                "attention_blocks": args.blocks, "cuda_graph": args.cuda_graph, "record_maps": args.record_maps}
+                "attention_blocks": args.blocks, "cuda_graph": args.cuda_graph, "record_maps": args.record_maps,
+                "gc": args.gc}
         sampling = self.pack.sampling
         target = sampling.target_resolution((side, side), 0, "bench")
         ms = model.get_model_object("model_sampling")
@@ -783,8 +827,8 @@ class Bench:
             warm_forwards = counter.count
             counter.count, counter.graphed = 0, []
             sampler = make(self.pack.record.AttentionRecord() if args.record_maps and mode != "plain" else None)
-            times, peak, out = timed_runs(lambda: run(sampler), args.repeats, self.device, self.peak,
-                                          self.deadline)
+            times, peak, out, gc_s = timed_runs(lambda: run(sampler), args.repeats, self.device, self.peak,
+                                                self.deadline, args.gc == "freeze")
         finally:
             counter.close()
         if args.profile and mode != "plain":
@@ -798,6 +842,7 @@ class Bench:
                             record_passes, forwards)
         extra = dict(info)
         extra.update({"grad_forwards": forwards, "record_passes": record_passes, "warmup_grad_forwards": warm_forwards,
+                      "gc_s": [round(t, 4) for t in gc_s],
                       "output_finite": bool(torch.isfinite(out).all()), "attention_level": f"{target[0]}x{target[1]}",
                       "output_fingerprint": fingerprint(out),
                       "graph_replayed": all(counter.graphed) if counter.graphed else None})
@@ -929,8 +974,8 @@ class Bench:
                     log.info("diffusers %s b%d %s: warm-up %.2f s", arch, batch, mode, time.perf_counter() - tw)
                     counter.count = 0
                     updates["n"] = 0
-                    times, peak, out = timed_runs(lambda: call(args.steps), args.repeats, self.device, self.peak,
-                                                  self.deadline)
+                    times, peak, out, gc_s = timed_runs(lambda: call(args.steps), args.repeats, self.device,
+                                                        self.peak, self.deadline, args.gc == "freeze")
                 except Exception:  # noqa: BLE001 - keep what was measured
                     log.exception("diffusers %s b%d %s failed", arch, batch, mode)
                     self.failed = True
@@ -944,6 +989,7 @@ class Bench:
                 ours = self.ours.get((arch, batch, mode))
                 extra = dict(d_info)
                 extra.update({"grad_forwards": counter.count // n, "output_finite": bool(torch.isfinite(out).all()),
+                              "gc_s": [round(t, 4) for t in gc_s],
                               "ratio_ours_to_diffusers": round(ours / median, 4) if ours else None})
                 self.emitter.emit(self.row("diffusers", arch, batch, mode, times, peak, plain_median,
                                            updates["n"] // n, **extra))

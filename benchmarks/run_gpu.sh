@@ -8,7 +8,7 @@
 #
 #   [BENCH_COMMIT=<sha>] bash benchmarks/run_gpu.sh [all|headline|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs]
 #
-# "headline": sd15 batch 1 (+ diffusers) and sdxl batch 1 only (every target of the performance issue, ~3 min).
+# "headline": sd15 batch 1 (+ diffusers) and sdxl batch 1 only (every target of the performance issue, ~5 min).
 # Order under "all", each part only while the budget allows: sd15 batch 1 (+ diffusers), sdxl batch 1 (50 steps
 # each); "passes": benchmarks/pass_timing.py (one gradient pass vs one plain step on the real SD1.5 and SDXL UNets,
 # cuDNN benchmark mode off and on, with per-pass operator profiles; about 1-2 minutes); "graphs": pass_timing.py
@@ -16,7 +16,7 @@
 # attention_blocks=down_mid, sd15 batch 4 (+ diffusers), sd15 batch 1 with down_mid.
 # Results go to $OUT (default ./bench_out): results.jsonl (one JSON object per measurement), table.md, bench.log,
 # pass_timing.jsonl, pass_table.md, graph_timing.jsonl, graph_table.md, and profiles.tgz (the profile folders).
-# Environment: REPEATS (3), WARMUP_STEPS (10; the untimed warm-up run per measurement), BENCH_BUDGET_S (520: no
+# Environment: REPEATS (3), WARMUP_STEPS (= STEPS; the untimed warm-up run per measurement), BENCH_BUDGET_S (520: no
 # measurement starts later than this many seconds after the script started; keep it ~80 s under the command's time
 # limit), PROFILE (1: also write a torch.profiler table of one run per A&E measurement to $OUT/profile),
 # WEIGHTS (reference|copy), CUDA_GRAPH (on|off: the sampler's cuda_graph option), CHECK_GRAPH (1: one extra run
@@ -31,7 +31,7 @@ OUT="${OUT:-$PWD/bench_out}"
 REPEATS="${REPEATS:-3}"
 STEPS="${STEPS:-50}"
 DEVICE="${BENCH_DEVICE:-cuda}"  # cpu only to try this script out on a machine without a GPU
-WARMUP_STEPS="${WARMUP_STEPS:-10}"
+WARMUP_STEPS="${WARMUP_STEPS:-$STEPS}"  # a warm-up as long as a timed run: first-run costs stay out of the timings
 BUDGET="${BENCH_BUDGET_S:-520}"
 START=$(date +%s)
 mkdir -p "$OUT"

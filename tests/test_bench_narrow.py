@@ -102,3 +102,4 @@ def test_bench_script_counts_every_gradient_pass_and_reports_ratios(comfy_root):
     assert rows["ae_no_refine"]["ratio_to_plain"] == pytest.approx(rows["ae_no_refine"]["median_s"] / plain, rel=1e-3)
     assert "| comfyui | sd15 | tiny |" in stdout and "| ae_no_refine (maps recorded) |" in stdout
     assert rows["ae_refine_cap"]["record_maps"] is True
+    assert all(r["gc"] == "freeze" and len(r["gc_s"]) == 1 and r["min_s"] == r["median_s"] for r in rows.values())
