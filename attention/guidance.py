@@ -180,8 +180,9 @@ class CudaGraphBackend:
                 out = fn()
         finally:
             current.wait_stream(side)
-        for t in out:
-            t.record_stream(current)
+        with torch.inference_mode(False):
+            for t in out:
+                t.record_stream(current)
         return out
 
     def new_graph(self) -> torch.cuda.CUDAGraph:
