@@ -52,11 +52,23 @@ def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.view(b, n, heads, -1).transpose(1, 2)
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
-    """``(B, heads, N, T)`` float32 softmax probabilities from projected ``q (B, N, h*d)``, ``k (B, T, h*d)``."""
-    qh, kh = _split_heads(q, heads).float(), _split_heads(k, heads).float()
-    scale = qh.shape[-1] ** -0.5
-    return torch.softmax(qh @ kh.transpose(-1, -2) * scale, dim=-1)
+def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int,
+                    attn_precision: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """``(B, heads, N, T)`` float32 softmax probabilities from projected ``q (B, N, h*d)``, ``k (B, T, h*d)``.
+
+    The softmax always runs in float32. The logits stay in half precision only for float16 ``q`` when
+    ``attn_precision`` (the layer's, after ComfyUI's upcast flags) is not float32: the precision of ComfyUI's own
+    attention for SD1.x/SDXL and of diffusers' A&E reference (fp16 scores, upcast softmax), without the casts and the
+    fp32 matrix products; ``q`` is scaled first, so the products are as large as the logits. SD2.x asks for float32
+    (fp16 logits can overflow there); bfloat16 (8-bit mantissa) always gets float32 logits."""
+    qh, kh = _split_heads(q, heads), _split_heads(k, heads)
+    if not (q.dtype == torch.float16 and attn_precision != torch.float32):
+        qh, kh = qh.float(), kh.float()
+    return torch.softmax((qh * qh.shape[-1] ** -0.5) @ kh.transpose(-1, -2), dim=-1, dtype=torch.float32)
+
+
+def _same(attn_precision, dtype):
+    return attn_precision
 
 
 def _hw(extra_options: dict, n: int) -> tuple[int, int]:
@@ -71,10 +83,11 @@ class GradCapture:
     """Collects the cond-branch maps of one gradient pass (all samples of the batch)."""
 
     def __init__(self, target_hw: tuple[int, int], stop_after: LayerKey | None,
-                 optimized_attention: Callable) -> None:
+                 optimized_attention: Callable, precision: Callable = _same) -> None:
         self.target_hw = target_hw
         self.stop_after = stop_after
         self.optimized_attention = optimized_attention
+        self.precision = precision  # (layer's attn_precision, q dtype) -> effective one (ComfyUI's upcast flags)
         self.maps: dict[LayerKey, torch.Tensor] = {}  # (B, N, T), mean over heads, in the graph
         self.seen: dict[LayerKey, tuple[int, int]] = {}
 
@@ -90,7 +103,7 @@ class GradCapture:
                     raise StopForward()  # nothing of this layer feeds the loss
                 return self.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
                                                 transformer_options=extra_options)
-            probs = attention_probs(q, k, heads)
+            probs = attention_probs(q, k, heads, self.precision(extra_options.get("attn_precision"), q.dtype))
             self.maps[key] = probs.mean(1)
             out = (probs.to(v.dtype) @ _split_heads(v, heads)).transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
             if key == self.stop_after:
@@ -117,11 +130,12 @@ class MapRecorder:
     """
 
     def __init__(self, record, target_hw: tuple[int, int], sigma_values: list[float],
-                 optimized_attention: Callable) -> None:
+                 optimized_attention: Callable, precision: Callable = _same) -> None:
         self.record = record
         self.target_hw = target_hw
         self.sigmas = list(sigma_values)
         self.optimized_attention = optimized_attention
+        self.precision = precision
         self._last: tuple[torch.Tensor, int | None] | None = None  # (sigmas tensor of the last call, its step)
 
     def _step(self, extra_options: dict) -> int | None:
@@ -154,8 +168,10 @@ class MapRecorder:
                 return out
             size = q.shape[0] // len(chunks)
             c = chunks.index(0)
+            precision = self.precision(extra_options.get("attn_precision"), q.dtype)
             with torch.no_grad():
-                probs = attention_probs(q[c * size:(c + 1) * size], k[c * size:(c + 1) * size], heads).mean(1)
+                probs = attention_probs(q[c * size:(c + 1) * size], k[c * size:(c + 1) * size], heads,
+                                        precision).mean(1)
             h, w = self.target_hw
             self.record.add_map(step, name, probs.reshape(size, h, w, -1))
             return out

@@ -145,7 +145,7 @@ class _Run:
         self.graphed: GraphedPass | None = None  # captured after the first gradient pass where graph_blockers allows
         self.pass_cond: dict | None = None  # self.cond with its model inputs on the model's device
         self.recorder = None if record is None else MapRecorder(record, self.target_hw, sigma_values,
-                                                                comfy_attention.optimized_attention)
+                                                                comfy_attention.optimized_attention, _precision)
 
     def _options(self, patch_for, keys, grad: bool = False) -> dict:
         mo = dict(self.model_options)
@@ -238,7 +238,8 @@ class _Run:
             return self.graphed(x, sigma)
         first = self.target_keys is None
         keys = self.keys if first else self.target_keys
-        capture = GradCapture(self.target_hw, keys[-1] if keys else None, comfy_attention.optimized_attention)
+        capture = GradCapture(self.target_hw, keys[-1] if keys else None, comfy_attention.optimized_attention,
+                              _precision)
         if self.pass_cond is None:
             self.pass_cond = _conds_on(self.cond, x.device)
         forward = self._pass_forward(capture, keys, self.pass_cond)
@@ -260,13 +261,19 @@ class _Run:
     def _capture_graph(self, x: torch.Tensor, sigma: torch.Tensor) -> None:
         """Capture the target layers' pass (the first pass, just run on the side stream, was its warm-up)."""
         keys = self.target_keys
-        capture = GradCapture(self.target_hw, keys[-1], comfy_attention.optimized_attention)
+        capture = GradCapture(self.target_hw, keys[-1], comfy_attention.optimized_attention, _precision)
         graphed = GraphedPass(self._pass_forward(capture, keys, self.pass_cond), self.weights, self.graph_backend)
         if graphed.capture(x, sigma):
             self.graphed = graphed
         else:
             log.warning("%s: CUDA graph capture failed, gradient passes run eagerly: %s", self.cfg.node,
                         graphed.failure)
+
+
+def _precision(attn_precision, dtype):
+    """A layer's attention precision after ComfyUI's ``--force-upcast-attention`` / ``--dont-upcast-attention``."""
+    resolve = getattr(comfy_attention, "get_attn_precision", None)
+    return attn_precision if resolve is None else resolve(attn_precision, dtype)
 
 
 def _holds_any(v) -> bool:
