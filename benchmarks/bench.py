@@ -109,8 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gc", choices=("freeze", "on"), default="freeze",
                    help="cyclic garbage collector during the timed runs: freeze = objects that exist before them are "
                         "left out of its scans (gc.freeze; a full scan of a process with torch, ComfyUI and diffusers "
-                        "loaded takes about 0.5 s and would land in a random repeat), on = as is; either way the "
-                        "collector's pauses in each run are reported (gc_s)")
+                        "imported took 0.4 s on a 2-core CPU and would land in a random repeat), on = as is; either "
+                        "way the collector's pauses in each run are reported (gc_s)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0 = torch's default); fewer than the cores helps on a busy machine")
     p.add_argument("--budget-s", type=float, default=0.0,
