@@ -18,8 +18,8 @@ class AttentionRecord:
     that layer averaged over heads, recorded in the denoising pass of ``step`` (so after that step's A&E update).
     ``losses[step]`` lists the ``(B,)`` losses of every gradient pass at that step (main pass, then refinement).
     Filled without waiting for the GPU; complete once the sampler has called :meth:`finish`. The maps of a step
-    stay on the device until the next step's first map (or a read of ``maps``), then go to the host as one tensor:
-    one copy and one host buffer per step instead of one per layer (SDXL reads 60 layers).
+    stay on the device until the next step's first map (or a read of ``maps``, which completes the record), then go
+    to the host as one tensor: one copy and one host buffer per step instead of one per layer (SDXL reads 60).
     """
 
     subjects: tuple[int, ...] = ()
@@ -38,7 +38,7 @@ class AttentionRecord:
 
     @property
     def maps(self) -> dict[int, dict[str, torch.Tensor]]:
-        self._flush()
+        self.finish()  # complete even if the run that filled it stopped early
         return self._maps
 
     def reset(self, **meta) -> None:
