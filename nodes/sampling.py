@@ -248,7 +248,16 @@ class _Run:
                                            by_reference=self.cfg.weights_by_reference)
         blockers = self.graph_blockers(x) if first else None
         run_pass = functools.partial(loss_and_grad, lambda leaf: forward(leaf, sigma), x, self.weights)
-        out = self.graph_backend.warm_up(run_pass) if first and not blockers else run_pass()
+        if first and not blockers:
+            try:
+                out = self.graph_backend.warm_up(run_pass)
+            except RuntimeError as e:  # the side-stream run failed: this run keeps eager passes (a model error recurs)
+                log.warning("%s: CUDA graph warm-up failed, running the pass eagerly: %s: %s", self.cfg.node,
+                            type(e).__name__, e)
+                blockers = ["the warm-up failed"]
+                out = run_pass()
+        else:
+            out = run_pass()
         if first:
             self.target_keys = [k for k in keys if capture.seen.get(k) == self.target_hw]
             log.debug("%s: A&E reads %s", self.cfg.node, [layer_name(k) for k in self.target_keys])

@@ -16,16 +16,19 @@ class ReplayGraph:
 
 
 class FakeGraphBackend:
-    """Captures on any device; ``fail=True``: every capture is refused, as CUDA refuses an uncapturable operation."""
+    """Captures on any device; ``fail=True``: every capture is refused, as CUDA refuses an uncapturable operation;
+    ``fail_warm_up=True``: the side-stream warm-up raises before running anything."""
 
-    def __init__(self, fail: bool = False) -> None:
-        self.fail, self.graphs, self.warm_ups = fail, [], 0
+    def __init__(self, fail: bool = False, fail_warm_up: bool = False) -> None:
+        self.fail, self.fail_warm_up, self.graphs, self.warm_ups = fail, fail_warm_up, [], 0
 
     def blocker(self, device) -> str | None:
         return None
 
     def warm_up(self, fn):
         self.warm_ups += 1
+        if self.fail_warm_up:
+            raise RuntimeError("CUDA error: invalid resource handle")
         return fn()
 
     def new_graph(self) -> ReplayGraph:

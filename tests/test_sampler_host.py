@@ -190,7 +190,8 @@ def test_why_passes_run_without_a_cuda_graph_is_logged(host, caplog):
 def test_graphed_passes_give_the_eager_result(host, caplog):
     """The sampler's CUDA-graph path on a CPU stand-in whose replay re-runs the captured pass: the first pass is the
     warm-up, the target layers' pass is captured right after it, every later pass (refinement included) is a replay
-    on that pass's static inputs, and the result is the eager sampler's. A refused capture leaves eager passes."""
+    on that pass's static inputs, and the result is the eager sampler's. A refused capture or a failed warm-up leaves
+    eager passes."""
     import comfy.samplers
     from comfyui_attend_excite.attention.record import AttentionRecord
     from comfyui_attend_excite.nodes.sampling import AEConfig, parse_refinement, sample_attend_excite
@@ -211,15 +212,16 @@ def test_graphed_passes_give_the_eager_result(host, caplog):
     eager, eager_losses, eager_passes, _ = run(replace(cfg, cuda_graph=False))
     assert eager_passes == 2 + 2 + 1  # 2 guided steps; at step 0, 2 passes within 3 refinement steps, 1 recompute
     assert len(set(eager_losses)) > 3  # each pass saw a new latent
-    for fail in (False, True):
-        backend = FakeGraphBackend(fail=fail)
+    for fail in ("", "capture", "warm-up"):
+        backend = FakeGraphBackend(fail=fail == "capture", fail_warm_up=fail == "warm-up")
         out, losses, passes, text = run(cfg, backend)
         assert torch.allclose(out, eager, atol=1e-6), (fail, float((out - eager).abs().max()))
         assert losses == pytest.approx(eager_losses, abs=1e-6) and passes == eager_passes
-        assert backend.warm_ups == 1 and len(backend.graphs) == 1
+        assert backend.warm_ups == 1 and len(backend.graphs) == (fail != "warm-up")
         if fail:
-            assert backend.replays == 0 and "CUDA graph capture failed, gradient passes run eagerly" in text
-            assert "(CUDA graph)" not in text
+            assert backend.replays == 0 and "(CUDA graph)" not in text
+            assert ("CUDA graph capture failed, gradient passes run eagerly" in text) == (fail == "capture")
+            assert ("warm-up failed, running the pass eagerly: RuntimeError" in text) == (fail == "warm-up")
         else:
             assert backend.replays == passes - 1 and "gradient passes (CUDA graph)" in text
 
