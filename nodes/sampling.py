@@ -162,11 +162,13 @@ class _Run:
     def recording_options(self) -> dict:
         return self._options(self.recorder.patch, self.target_keys or self.keys)
 
-    def _pass_forward(self, capture: GradCapture, keys: list[LayerKey], cond: dict):
-        """``forward(leaf, sigma) -> (loss (B,), maxima (B, S))``: the cond-only pass through ``calc_cond_batch``
-        with ``capture``'s patches on ``keys``, stopped after the last layer that feeds the loss."""
+    def _pass_forward(self, keys: list[LayerKey]):
+        """``(capture, forward)``: ``forward(leaf, sigma) -> (loss (B,), maxima (B, S))`` is the cond-only pass through
+        ``calc_cond_batch`` on ``pass_cond`` with ``capture``'s patches on ``keys``, stopped after the last of them."""
+        capture = GradCapture(self.target_hw, keys[-1] if keys else None, comfy_attention.optimized_attention,
+                              _precision)
         mo = self._options(capture.patch, keys, grad=True)
-        cfg = self.cfg
+        cfg, cond = self.cfg, self.pass_cond
 
         def forward(leaf: torch.Tensor, sigma: torch.Tensor):
             try:
@@ -182,7 +184,7 @@ class _Run:
                                       kernel_size=cfg.kernel_size, sigma=cfg.sigma)
             return ae_loss(m), m
 
-        return forward
+        return capture, forward
 
     def _hooked(self) -> bool:
         """Hook keyframes may re-patch weights inside ``calc_cond_batch``."""
@@ -238,11 +240,9 @@ class _Run:
             return self.graphed(x, sigma)
         first = self.target_keys is None
         keys = self.keys if first else self.target_keys
-        capture = GradCapture(self.target_hw, keys[-1] if keys else None, comfy_attention.optimized_attention,
-                              _precision)
         if self.pass_cond is None:
             self.pass_cond = _conds_on(self.cond, x.device)
-        forward = self._pass_forward(capture, keys, self.pass_cond)
+        capture, forward = self._pass_forward(keys)
         if self.weights is None:
             self.weights = AutogradWeights([self.base, *_control_modules([self.cond])], swap=not self._hooked(),
                                            by_reference=self.cfg.weights_by_reference)
@@ -269,9 +269,7 @@ class _Run:
 
     def _capture_graph(self, x: torch.Tensor, sigma: torch.Tensor) -> None:
         """Capture the target layers' pass (the first pass, just run on the side stream, was its warm-up)."""
-        keys = self.target_keys
-        capture = GradCapture(self.target_hw, keys[-1], comfy_attention.optimized_attention, _precision)
-        graphed = GraphedPass(self._pass_forward(capture, keys, self.pass_cond), self.weights, self.graph_backend)
+        graphed = GraphedPass(self._pass_forward(self.target_keys)[1], self.weights, self.graph_backend)
         if graphed.capture(x, sigma):
             self.graphed = graphed
         else:
