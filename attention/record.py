@@ -17,9 +17,12 @@ class AttentionRecord:
     ``maps[step][layer]`` is ``(B, H, W, T)`` float16 on the CPU: cond-branch cross-attention probabilities of
     that layer averaged over heads, recorded in the denoising pass of ``step`` (so after that step's A&E update).
     ``losses[step]`` lists the ``(B,)`` losses of every gradient pass at that step (main pass, then refinement).
-    Filled without waiting for the GPU; complete once the sampler has called :meth:`finish`. The maps of a step
-    stay on the device until the next step's first map (or a read of ``maps``, which completes the record), then go
-    to the host as one tensor: one copy and one host buffer per step instead of one per layer (SDXL reads 60).
+    Filled without waiting for the GPU; complete once the sampler has called :meth:`finish` (a read of ``maps`` or
+    ``losses`` completes it too). The maps of a step stay on the device until the next step's first map, then go to
+    the host as one tensor, into one host buffer made for the whole run (``num_steps`` slots): one copy per step
+    instead of one per layer (SDXL reads 60) and one pinned allocation per run. Losses stay on the device until the
+    run ends and go as one tensor: a pinned allocation per gradient pass (85 at the refinement cap) costs more than
+    the pass's loss is worth.
     """
 
     subjects: tuple[int, ...] = ()
@@ -31,32 +34,53 @@ class AttentionRecord:
     num_steps: int = 0
     guided_steps: int = 0
     _maps: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
-    losses: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    _losses: dict[int, list[torch.Tensor]] = field(default_factory=dict, repr=False)
     _in_flight: torch.device | None = field(default=None, repr=False, compare=False)
     _pending: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
     _pending_step: int | None = field(default=None, repr=False, compare=False)
+    _pending_losses: list[tuple[int, torch.Tensor]] = field(default_factory=list, repr=False, compare=False)
+    _buffer: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def maps(self) -> dict[int, dict[str, torch.Tensor]]:
         self.finish()  # complete even if the run that filled it stopped early
         return self._maps
 
+    @property
+    def losses(self) -> dict[int, list[torch.Tensor]]:
+        """``losses[step]``: the ``(B,)`` float32 CPU losses of that step's gradient passes, in order."""
+        self.finish()
+        return self._losses
+
     def reset(self, **meta) -> None:
-        self._maps = {}
-        self._pending, self._pending_step = {}, None
-        self.losses = {}
+        self._maps, self._losses = {}, {}
+        self._pending, self._pending_step, self._pending_losses = {}, None, []
+        self._buffer = None  # a new run gets a new buffer: maps handed out earlier stay valid
         for k, v in meta.items():
             if not hasattr(self, k):
                 raise AttributeError(k)
             setattr(self, k, v)
 
-    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` on the CPU. From a CUDA device without waiting for it (an asynchronous copy into pinned memory):
-        a blocking copy per layer and per pass would hold the host back at every step. Valid after :meth:`finish`."""
-        if t.device.type != "cuda":
-            return t.to("cpu")
-        self._in_flight = t.device
-        return t.to("cpu", non_blocking=True)
+    def _to_host(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``t`` on the CPU (in ``out`` when given). From a CUDA device without waiting for it (an asynchronous copy
+        into pinned memory): a blocking copy per step would hold the host back. Valid after :meth:`finish`."""
+        if t.device.type == "cuda":
+            self._in_flight = t.device
+        if out is not None:
+            return out.copy_(t, non_blocking=t.device.type == "cuda")
+        return t.to("cpu", non_blocking=t.device.type == "cuda")
+
+    def _slot(self, step: int, stacked: torch.Tensor) -> torch.Tensor | None:
+        """``step``'s slot in the run's host buffer for stacked maps like ``stacked`` (made at the first flush), or
+        ``None`` where the buffer cannot hold it (no step count, a step out of range or seen before, another shape)."""
+        if not 0 <= step < self.num_steps or step in self._maps:
+            return None
+        shape = (self.num_steps, *stacked.shape)
+        if self._buffer is None:
+            self._buffer = torch.empty(shape, dtype=stacked.dtype, pin_memory=stacked.device.type == "cuda")
+        elif self._buffer.shape != shape or self._buffer.dtype != stacked.dtype:
+            return None
+        return self._buffer[step]
 
     def add_map(self, step: int, layer: str, probs: torch.Tensor) -> None:
         if step != self._pending_step:
@@ -68,21 +92,31 @@ class AttentionRecord:
         """Send the held step's maps to the host, stacked when they share a shape (they do at one level)."""
         if not self._pending:
             return
-        names, maps = list(self._pending), list(self._pending.values())
-        per_layer = self._maps.setdefault(self._pending_step, {})
+        step, names, maps = self._pending_step, list(self._pending), list(self._pending.values())
         if all(m.shape == maps[0].shape and m.device == maps[0].device for m in maps):
-            per_layer.update(zip(names, self._to_host(torch.stack(maps)).unbind(0)))
+            stacked = torch.stack(maps)
+            host = self._to_host(stacked, self._slot(step, stacked)).unbind(0)
         else:
-            per_layer.update((n, self._to_host(m)) for n, m in zip(names, maps))
+            host = [self._to_host(m) for m in maps]
+        self._maps.setdefault(step, {}).update(zip(names, host))
         self._pending = {}
 
     def add_loss(self, step: int, loss: torch.Tensor) -> None:
-        self.losses.setdefault(step, []).append(self._to_host(loss.detach().float()))
+        self._pending_losses.append((step, loss.detach().float()))
 
     def finish(self) -> None:
-        """Send the last step's maps and wait for the copies still in flight (the sampler calls this when its run
-        ends)."""
+        """Send the last step's maps and the run's losses, and wait for the copies still in flight (the sampler
+        calls this when its run ends)."""
         self._flush()
+        if self._pending_losses:
+            steps, losses = zip(*self._pending_losses)
+            self._pending_losses = []
+            if all(v.shape == losses[0].shape and v.device == losses[0].device for v in losses):
+                host = self._to_host(torch.stack(losses)).unbind(0)
+            else:
+                host = [self._to_host(v) for v in losses]
+            for step, v in zip(steps, host):
+                self._losses.setdefault(step, []).append(v)
         if self._in_flight is not None:
             torch.cuda.synchronize(self._in_flight)
             self._in_flight = None
