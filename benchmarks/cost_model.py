@@ -9,7 +9,8 @@ pass. Per pass it counts
 - ``ops``: dispatched ATen operators that are not views: a proxy for GPU kernel launches, which is what bounds a
   small model on a big GPU;
 - ``saved_gib``: tensors autograd keeps for the backward (weights excluded): the activation memory the gradient
-  pass adds on top of the model's weights.
+  pass adds on top of the model's weights; ``saved_top`` names the largest groups of them by the operator that made
+  the tensor's memory, its shape and dtype (``[op, shape, dtype, count, GiB]``).
 
 Every attention layer runs PyTorch's SDPA (ComfyUI's choice on NVIDIA GPUs). The ``blocks`` option chooses which
 cross-attention layers of the level feed the loss (``AEConfig.attention_blocks``), ``--resolution`` which level.
@@ -123,23 +124,55 @@ class Model:
         return sdpa_attention(q, k, v, extra_options["n_heads"])
 
 
-def measure(fn, param_storages: set[int]) -> dict[str, Any]:
+class Producers:
+    """Remembers which ATen operator made each storage (views are skipped: they share their base's memory)."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class _Mode(TorchDispatchMode):
+            def __init__(self) -> None:
+                super().__init__()
+                self.made: dict[int, tuple[str, tuple[int, ...], str]] = {}
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if not func.is_view:
+                    for t in out if isinstance(out, (tuple, list)) else (out,):
+                        if hasattr(t, "untyped_storage"):  # a storage freed and made again is re-labelled
+                            self.made[t.untyped_storage()._cdata] = (func.overloadpacket.__name__, tuple(t.shape),
+                                                                     str(t.dtype).removeprefix("torch."))
+                return out
+
+        return _Mode()
+
+
+def measure(fn, param_storages: set[int], top: int = 8) -> dict[str, Any]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    saved: dict[int, int] = {}  # storage -> bytes: views of one tensor count once
+    saved: dict[int, tuple[int, tuple]] = {}  # storage -> (bytes, producer): views of one tensor count once
+    producers = Producers()
 
     def pack_hook(t):
         storage = t.untyped_storage()
-        if storage._cdata not in param_storages:
-            saved.setdefault(storage._cdata, storage.nbytes())
+        if storage._cdata not in param_storages and storage._cdata not in saved:
+            saved[storage._cdata] = (storage.nbytes(), producers.made.get(storage._cdata, ("?", (), "?")))
         return t
 
     flops = FlopCounterMode(display=False)
     ops = OpCounter()
-    with flops, ops, torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+    with flops, ops, producers, torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
         fn()
-    return {"tflop": flops.get_total_flops() / 1e12, "ops": ops.count, "saved_gib": sum(saved.values()) / GIB}
+    groups: dict[tuple, list[int]] = {}
+    for nbytes, made in saved.values():
+        g = groups.setdefault(made, [0, 0])
+        g[0], g[1] = g[0] + 1, g[1] + nbytes
+    largest = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"tflop": flops.get_total_flops() / 1e12, "ops": ops.count,
+            "saved_gib": sum(n for n, _ in saved.values()) / GIB,
+            "saved_top": [[op, list(shape), dtype, count, round(nbytes / GIB, 4)]
+                          for (op, shape, dtype), (count, nbytes) in largest]}
 
 
 def plain_step(model: Model, batch: int) -> dict[str, Any]:

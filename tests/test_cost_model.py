@@ -38,3 +38,11 @@ def test_costs_scale_with_the_batch(rows):
         one, two = rows[(1, name)], rows[(2, name)]
         assert two["tflop"] == pytest.approx(2 * one["tflop"], rel=0.01)
     assert rows[(2, "gradient_all")]["ops"] < 1.2 * rows[(1, "gradient_all")]["ops"]  # one batched pass, no loop
+
+
+def test_saved_memory_is_attributed_to_the_operators_that_made_it(rows):
+    full = rows[(1, "gradient_all")]
+    assert sum(group[4] for group in full["saved_top"]) <= full["saved_gib"] + 1e-3
+    # the two 64x64 transformer blocks (input 1, 2): GEGLU keeps its GELU output, 4096 tokens x 1280 fp16 each
+    assert ["gelu", [1, 4096, 1280], "float16", 2, round(2 * 4096 * 1280 * 2 / 1024**3, 4)] in full["saved_top"]
+    assert rows[(1, "plain_step")]["saved_top"] == []
