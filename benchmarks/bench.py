@@ -106,6 +106,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-graph", action="store_true",
                    help="CUDA: after each A&E measurement, one run without the CUDA graph; reports the largest "
                         "difference of the results (graph_vs_eager_max_abs)")
+    p.add_argument("--order", choices=("interleaved", "sequential"), default="interleaved",
+                   help="ComfyUI modes of one arch and batch: interleaved = after each mode's warm-up, the timed runs "
+                        "go in rounds (plain, A&E, A&E at cap, plain, ...), so a drift of the host's speed hits every "
+                        "mode alike (rows then also carry paired_ratio_to_plain: the median over rounds of a run's "
+                        "time over the same round's plain run); sequential = all runs of one mode, then the next")
     p.add_argument("--gc", choices=("freeze", "on"), default="freeze",
                    help="cyclic garbage collector during the timed runs: freeze = objects that exist before them are "
                         "left out of its scans (gc.freeze; a full scan of a process with torch, ComfyUI and diffusers "
@@ -224,8 +229,8 @@ def markdown_table(rows: list[dict]) -> str:
     head = rows[0]
     lines = [f"Device: {head.get('device_name')}; torch {head.get('torch')}; commit {head.get('commit')}; "
              f"weights {head.get('dtype')}; peak = {head.get('peak_kind')}", ""]
-    cols = ["system", "arch", "model", "batch", "size", "steps", "mode", "median s", "× plain", "grad passes",
-            "extra s / pass", "peak GiB", "÷ diffusers"]
+    cols = ["system", "arch", "model", "batch", "size", "steps", "mode", "median s", "× plain", "paired × plain",
+            "grad passes", "extra s / pass", "peak GiB", "÷ diffusers"]
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "|".join("---" for _ in cols) + "|")
     for r in rows:
@@ -233,11 +238,14 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append("| " + " | ".join([
             str(r.get("system")), str(r.get("arch")), str(r.get("model")), str(r.get("batch")),
             f"{r.get('size')}²", str(r.get("steps")), _mode_label(r), _fmt(r.get("median_s"), 3),
-            _fmt(r.get("ratio_to_plain")), _fmt(r.get("grad_passes")), _fmt(r.get("extra_s_per_pass"), 4),
+            _fmt(r.get("ratio_to_plain")), _fmt(r.get("paired_ratio_to_plain")), _fmt(r.get("grad_passes")),
+            _fmt(r.get("extra_s_per_pass"), 4),
             _fmt(r.get("peak_gib")), _fmt(ratio_d),
         ]) + " |")
     lines.append("")
     lines.append("`÷ diffusers` (diffusers rows): this pack's median ÷ diffusers' median for the same mode and batch. "
+                 "`paired × plain` (timed runs interleaved with plain ones, `--order interleaved`): the median over "
+                 "rounds of a run's time ÷ the same round's plain run. "
                  "`grad passes`: latent-gradient computations per run; `extra s / pass`: (median − plain) ÷ passes.")
     return "\n".join(lines) + "\n"
 
@@ -486,6 +494,24 @@ class PassCounter(logging.Handler):
         self.logger.removeHandler(self)
         self.logger.setLevel(self.level_before)
         super().close()
+
+
+class _ModeRuns:
+    """One ComfyUI mode's runs within a measurement: its sampler and what its timed runs gave."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.make: Callable | None = None
+        self.run: Callable | None = None
+        self.sampler: Any = None
+        self.record: Any = None
+        self.warm_forwards = 0
+        self.times: list[float] = []
+        self.gc_s: list[float] = []
+        self.peak: float | None = None
+        self.out: Any = None
+        self.forwards = 0
+        self.graphed: list[bool] = []
 
 
 class Deadline:
@@ -777,21 +803,8 @@ class Bench:
         for batch in args.batch:
             with torch.inference_mode():
                 pos, neg, latent, noise = self.comfy_inputs(arch, variant, batch, side)
-            plain_median = None
-            for mode in [m for m in MODES if m in args.modes]:
-                if self.deadline.passed():
-                    log.warning("budget exhausted: skipping comfyui %s batch %d %s", arch, batch, mode)
-                    continue
-                try:
-                    median = self.measure_comfy(model, arch, batch, mode, (pos, neg, latent, noise), sigmas,
-                                                warm_sigmas, plain_median, info, target, cap)
-                except Exception:  # noqa: BLE001 - report it (the sampler is under development), go on
-                    log.exception("comfyui %s batch %d %s failed", arch, batch, mode)
-                    self.failed = True
-                    continue
-                if mode == "plain":
-                    plain_median = median
-                free_memory(self.device)
+            ctx = (model, arch, batch, (pos, neg, latent, noise), sigmas, warm_sigmas, info, target, cap)
+            self.measure_comfy_modes(ctx, [m for m in MODES if m in args.modes])
 
         if args.diffusers:
             if arch != "sd15":
@@ -805,49 +818,126 @@ class Bench:
         comfy.model_management.soft_empty_cache()
         free_memory(self.device)
 
-    def measure_comfy(self, model, arch: str, batch: int, mode: str, inputs: tuple, sigmas, warm_sigmas,
-                      plain_median: float | None, info: dict, target: tuple[int, int], cap: int) -> float:
-        """Warm-up run (with an AttentionRecord), then the timed runs; emits the row and returns the median."""
-        torch = self.torch
-        args = self.args
+    def measure_comfy_modes(self, ctx: tuple, modes: list[str]) -> None:
+        """Warm-up and timed runs of ``modes`` on one model, arch and batch (in rounds with ``--order interleaved``),
+        then one row per mode. A mode that fails is reported and left out; the others go on."""
+        arch, batch = ctx[1], ctx[2]
+        interleaved = self.args.order == "interleaved"
+
+        def attempt(what: str, mode: str, fn: Callable[..., Any], *fn_args) -> bool:
+            try:
+                fn(*fn_args)
+                return True
+            except Exception:  # noqa: BLE001 - report it (the sampler is under development), go on
+                log.exception("comfyui %s batch %d %s failed (%s)", arch, batch, mode, what)
+                self.failed = True
+                return False
+
+        def skipped(mode: str) -> bool:
+            if self.deadline.passed():
+                log.warning("budget exhausted: skipping comfyui %s batch %d %s", arch, batch, mode)
+                return True
+            return False
+
+        def timed(st: _ModeRuns, repeats: int) -> bool:
+            for r in range(repeats):
+                if r and self.deadline.passed():
+                    log.warning("budget exhausted: %d of %d repeats done", r, repeats)
+                    break
+                if not attempt("timed run", st.mode, self.comfy_timed_run, st):
+                    return False
+            return True
+
+        if interleaved:
+            states = []
+            for mode in modes:
+                st = _ModeRuns(mode)
+                if not skipped(mode) and attempt("warm-up", mode, self.comfy_warm_up, ctx, st):
+                    states.append(st)
+            for r in range(self.args.repeats):
+                if r and self.deadline.passed():
+                    log.warning("budget exhausted: %d of %d rounds done", r, self.args.repeats)
+                    break
+                states = [st for st in states if timed(st, 1)]
+            plain = next((st for st in states if st.mode == "plain"), None)
+            for st in states:
+                attempt("results", st.mode, self.comfy_row, ctx, st, plain, interleaved)
+        else:
+            plain = None
+            for mode in modes:
+                st = _ModeRuns(mode)
+                if skipped(mode) or not attempt("warm-up", mode, self.comfy_warm_up, ctx, st):
+                    continue
+                if timed(st, self.args.repeats):
+                    plain = st if mode == "plain" else plain
+                    attempt("results", mode, self.comfy_row, ctx, st, plain, interleaved)
+                free_memory(self.device)
+        free_memory(self.device)
+
+    def comfy_warm_up(self, ctx: tuple, st: _ModeRuns) -> None:
+        """The untimed warm-up run of a mode (with an AttentionRecord, to count its passes) and the sampler for its
+        timed runs."""
+        model, arch, batch, inputs, sigmas, warm_sigmas = ctx[:6]
+        torch, args = self.torch, self.args
         pos, neg, latent, noise = inputs
-        make = self.sampler_factory(mode)
+        st.make = self.sampler_factory(st.mode)
 
         def run(sampler, sig=sigmas):
             with torch.inference_mode():  # as ComfyUI's executor runs every node
                 return sample_comfy(model, noise, sampler, sig, pos, neg, latent, args.seed)
 
-        record = self.pack.record.AttentionRecord() if mode != "plain" else None
+        st.run = run
+        st.record = self.pack.record.AttentionRecord() if st.mode != "plain" else None
         counter = PassCounter(self.pack.sampling.log)
         try:
             tw = time.perf_counter()
-            run(make(record), warm_sigmas)
+            run(st.make(st.record), warm_sigmas)
             sync(self.device)
-            log.info("comfyui %s b%d %s: warm-up %.2f s", arch, batch, mode, time.perf_counter() - tw)
-            warm_forwards = counter.count
-            counter.count, counter.graphed = 0, []
-            sampler = make(self.pack.record.AttentionRecord() if args.record_maps and mode != "plain" else None)
-            times, peak, out, gc_s = timed_runs(lambda: run(sampler), args.repeats, self.device, self.peak,
-                                                self.deadline, args.gc == "freeze")
+            log.info("comfyui %s b%d %s: warm-up %.2f s", arch, batch, st.mode, time.perf_counter() - tw)
         finally:
             counter.close()
+        st.warm_forwards = counter.count
+        st.sampler = st.make(self.pack.record.AttentionRecord() if args.record_maps and st.mode != "plain" else None)
+
+    def comfy_timed_run(self, st: _ModeRuns) -> None:
+        counter = PassCounter(self.pack.sampling.log)
+        try:
+            times, peak, out, gc_s = timed_runs(lambda: st.run(st.sampler), 1, self.device, self.peak,
+                                                self.deadline, self.args.gc == "freeze")
+        finally:
+            counter.close()
+        st.times += times
+        st.gc_s += gc_s
+        st.out = out
+        st.forwards += counter.count
+        st.graphed += counter.graphed
+        if peak is not None:
+            st.peak = peak if st.peak is None else max(st.peak, peak)
+
+    def comfy_row(self, ctx: tuple, st: _ModeRuns, plain: _ModeRuns | None, interleaved: bool) -> None:
+        """Profile and graph-check runs where asked, then the mode's row."""
+        arch, batch, _, sigmas, warm_sigmas, info, target, cap = ctx[1:]
+        torch, args, mode, out = self.torch, self.args, st.mode, st.out
         if args.profile and mode != "plain":
-            self.profile(lambda: run(make(None)), f"{arch}_b{batch}_{mode}_{args.blocks}_{args.weights}")
-        forwards = counter.count // max(len(times), 1)
+            self.profile(lambda: st.run(st.make(None)), f"{arch}_b{batch}_{mode}_{args.blocks}_{args.weights}")
+        forwards = st.forwards // max(len(st.times), 1)
         record_passes = None
-        if record is not None and len(warm_sigmas) == len(sigmas) and hasattr(record, "losses"):
-            record_passes = sum(len(v) for v in record.losses.values())
+        if st.record is not None and len(warm_sigmas) == len(sigmas) and hasattr(st.record, "losses"):
+            record_passes = sum(len(v) for v in st.record.losses.values())
             if record_passes != forwards:
                 log.warning("%s b%d %s: the record counts %d gradient passes, the UNet hook %d", arch, batch, mode,
                             record_passes, forwards)
         extra = dict(info)
-        extra.update({"grad_forwards": forwards, "record_passes": record_passes, "warmup_grad_forwards": warm_forwards,
-                      "gc_s": [round(t, 4) for t in gc_s],
+        extra.update({"order": args.order, "grad_forwards": forwards, "record_passes": record_passes,
+                      "warmup_grad_forwards": st.warm_forwards, "gc_s": [round(t, 4) for t in st.gc_s],
                       "output_finite": bool(torch.isfinite(out).all()), "attention_level": f"{target[0]}x{target[1]}",
                       "output_fingerprint": fingerprint(out),
-                      "graph_replayed": all(counter.graphed) if counter.graphed else None})
+                      "graph_replayed": all(st.graphed) if st.graphed else None})
+        if interleaved and plain is not None:
+            pairs = [t / p for t, p in zip(st.times, plain.times)]
+            extra["paired_ratio_to_plain"] = round(statistics.median(pairs), 4) if pairs else None
         if args.check_graph and mode != "plain" and self.device.type == "cuda" and args.cuda_graph == "on":
-            eager = run(self.sampler_factory(mode, cuda_graph=False)(None))
+            eager = st.run(self.sampler_factory(mode, cuda_graph=False)(None))
             diff = (out.float() - eager.float()).abs()
             extra["graph_vs_eager_max_abs"] = round(float(diff.max()), 6)
             extra["eager_max_abs"] = round(float(eager.float().abs().max()), 6)
@@ -856,15 +946,14 @@ class Bench:
             if forwards != cap:
                 log.warning("%s b%d: %d gradient passes at the refinement cap, expected %d (a random model reached "
                             "a threshold, or the sampler counts differently)", arch, batch, forwards, cap)
-        if record is not None and getattr(record, "losses", None):
-            first = record.losses[min(record.losses)][0]
+        if st.record is not None and getattr(st.record, "losses", None):
+            first = st.record.losses[min(st.record.losses)][0]
             extra["first_loss"] = round(float(first.float().mean()), 4)
-        median = statistics.median(times)
+        median = statistics.median(st.times)
         self.ours[(arch, batch, mode)] = median
-        plain = median if mode == "plain" else plain_median
-        self.emitter.emit(self.row("comfyui", arch, batch, mode, times, peak, plain,
+        plain_median = statistics.median(plain.times) if plain is not None else None
+        self.emitter.emit(self.row("comfyui", arch, batch, mode, st.times, st.peak, plain_median,
                                    forwards if mode != "plain" else 0, **extra))
-        return median
 
     def profile(self, run: Callable[[], Any], name: str) -> None:
         """One profiled run into ``--profile``."""

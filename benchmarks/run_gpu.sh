@@ -21,7 +21,8 @@
 # limit), PROFILE (1: also write a torch.profiler table of one run per A&E measurement to $OUT/profile),
 # WEIGHTS (reference|copy), CUDA_GRAPH (on|off: the sampler's cuda_graph option), CHECK_GRAPH (1: one extra run
 # per A&E measurement without the graph, to report how far the results differ), RECORD_MAPS (1: timed runs record
-# maps and losses as the nodes do by default), COMFYUI_ROOT (./.comfyui), BENCH_COMMIT (the commit to report when .git is not carried); for a dry run
+# maps and losses as the nodes do by default), ORDER (interleaved: timed runs in rounds of plain, A&E, A&E at cap, so the
+# host's speed drifts hit every mode alike; sequential: all runs of one mode, then the next), COMFYUI_ROOT (./.comfyui), BENCH_COMMIT (the commit to report when .git is not carried); for a dry run
 # on a CPU-only machine: BENCH_DEVICE=cpu STEPS=4 REPEATS=1 WARMUP_STEPS=2.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -41,7 +42,7 @@ rm -f "$OUT/results.jsonl"
 
 case "$PART" in all|headline|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs) ;;
   *) echo "unknown part '$PART' (all|headline|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs)" >&2; exit 2 ;; esac
-EXTRA=(--weights "${WEIGHTS:-reference}" --cuda-graph "${CUDA_GRAPH:-on}")
+EXTRA=(--weights "${WEIGHTS:-reference}" --cuda-graph "${CUDA_GRAPH:-on}" --order "${ORDER:-interleaved}")
 if [ "${CHECK_GRAPH:-1}" = 1 ]; then EXTRA+=(--check-graph); fi
 if [ "${RECORD_MAPS:-0}" = 1 ]; then EXTRA+=(--record-maps); fi
 if [ "${PROFILE:-0}" = 1 ]; then EXTRA+=(--profile "$OUT/profile"); fi
