@@ -11,6 +11,10 @@ modes per architecture and batch size:
 - ``ae_refine_cap``: with the default refinement thresholds. Random weights never reach them, so every refinement
   step runs to its iteration cap: the worst case (50 steps: 25 guided passes + 3 x 20 refinement passes).
 
+Each mode gets an untimed warm-up run; the timed runs then go in rounds (plain, A&E, A&E at cap, plain, ...;
+``--order sequential``: all runs of one mode, then the next), and each row reports the median, the fastest run,
+the peak memory and the ratios to plain sampling of the same measurement.
+
 With ``--diffusers`` (sd15 only) the same weights also run through diffusers' ``StableDiffusionPipeline`` and
 ``StableDiffusionAttendAndExcitePipeline`` via ``benchmarks/diffusers_bridge.py``.
 
