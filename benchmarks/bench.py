@@ -826,7 +826,6 @@ class Bench:
         """Warm-up and timed runs of ``modes`` on one model, arch and batch (in rounds with ``--order interleaved``),
         then one row per mode. A mode that fails is reported and left out; the others go on."""
         arch, batch = ctx[1], ctx[2]
-        interleaved = self.args.order == "interleaved"
 
         def attempt(what: str, mode: str, fn: Callable[..., Any], *fn_args) -> bool:
             try:
@@ -843,16 +842,7 @@ class Bench:
                 return True
             return False
 
-        def timed(st: _ModeRuns, repeats: int) -> bool:
-            for r in range(repeats):
-                if r and self.deadline.passed():
-                    log.warning("budget exhausted: %d of %d repeats done", r, repeats)
-                    break
-                if not attempt("timed run", st.mode, self.comfy_timed_run, st):
-                    return False
-            return True
-
-        if interleaved:
+        if self.args.order == "interleaved":
             states = []
             for mode in modes:
                 st = _ModeRuns(mode)
@@ -862,19 +852,19 @@ class Bench:
                 if r and self.deadline.passed():
                     log.warning("budget exhausted: %d of %d rounds done", r, self.args.repeats)
                     break
-                states = [st for st in states if timed(st, 1)]
+                states = [st for st in states if attempt("timed run", st.mode, self.comfy_timed_run, st, 1)]
             plain = next((st for st in states if st.mode == "plain"), None)
             for st in states:
-                attempt("results", st.mode, self.comfy_row, ctx, st, plain, interleaved)
+                attempt("results", st.mode, self.comfy_row, ctx, st, plain)
         else:
             plain = None
             for mode in modes:
                 st = _ModeRuns(mode)
                 if skipped(mode) or not attempt("warm-up", mode, self.comfy_warm_up, ctx, st):
                     continue
-                if timed(st, self.args.repeats):
+                if attempt("timed runs", mode, self.comfy_timed_run, st, self.args.repeats):
                     plain = st if mode == "plain" else plain
-                    attempt("results", mode, self.comfy_row, ctx, st, plain, interleaved)
+                    attempt("results", mode, self.comfy_row, ctx, st, plain)
                 free_memory(self.device)
         free_memory(self.device)
 
@@ -903,10 +893,11 @@ class Bench:
         st.warm_forwards = counter.count
         st.sampler = st.make(self.pack.record.AttentionRecord() if args.record_maps and st.mode != "plain" else None)
 
-    def comfy_timed_run(self, st: _ModeRuns) -> None:
+    def comfy_timed_run(self, st: _ModeRuns, repeats: int) -> None:
+        """``repeats`` timed runs of a mode (fewer where the budget ends), added to its results."""
         counter = PassCounter(self.pack.sampling.log)
         try:
-            times, peak, out, gc_s = timed_runs(lambda: st.run(st.sampler), 1, self.device, self.peak,
+            times, peak, out, gc_s = timed_runs(lambda: st.run(st.sampler), repeats, self.device, self.peak,
                                                 self.deadline, self.args.gc == "freeze")
         finally:
             counter.close()
@@ -918,7 +909,7 @@ class Bench:
         if peak is not None:
             st.peak = peak if st.peak is None else max(st.peak, peak)
 
-    def comfy_row(self, ctx: tuple, st: _ModeRuns, plain: _ModeRuns | None, interleaved: bool) -> None:
+    def comfy_row(self, ctx: tuple, st: _ModeRuns, plain: _ModeRuns | None) -> None:
         """Profile and graph-check runs where asked, then the mode's row."""
         arch, batch, _, sigmas, warm_sigmas, info, target, cap = ctx[1:]
         torch, args, mode, out = self.torch, self.args, st.mode, st.out
@@ -937,7 +928,7 @@ class Bench:
                       "output_finite": bool(torch.isfinite(out).all()), "attention_level": f"{target[0]}x{target[1]}",
                       "output_fingerprint": fingerprint(out),
                       "graph_replayed": all(st.graphed) if st.graphed else None})
-        if interleaved and plain is not None:
+        if args.order == "interleaved" and plain is not None:
             pairs = [t / p for t, p in zip(st.times, plain.times)]
             extra["paired_ratio_to_plain"] = round(statistics.median(pairs), 4) if pairs else None
         if args.check_graph and mode != "plain" and self.device.type == "cuda" and args.cuda_graph == "on":

@@ -61,14 +61,17 @@ class _Scripted:
     def comfy_warm_up(self, ctx, st) -> None:
         self.step("warm", st)
 
-    def comfy_timed_run(self, st) -> None:
-        self.step("run", st)
-        st.times.append(1.0)
-        self.timed += 1
-        if self.budget_after is not None and self.timed == self.budget_after:
-            self.deadline.end = 0.0  # passed from now on
+    def comfy_timed_run(self, st, repeats: int) -> None:
+        for r in range(repeats):  # as timed_runs: every repeat after the first waits for the budget
+            if r and self.deadline.passed():
+                break
+            self.step("run", st)
+            st.times.append(1.0)
+            self.timed += 1
+            if self.budget_after is not None and self.timed == self.budget_after:
+                self.deadline.end = 0.0  # passed from now on
 
-    def comfy_row(self, ctx, st, plain, interleaved) -> None:
+    def comfy_row(self, ctx, st, plain) -> None:
         self.step("row", st)
         assert plain is None or plain.mode == "plain"
 
