@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -82,6 +83,14 @@ class AttentionRecord:
             return None
         return self._buffer[step]
 
+    def _send(self, tensors: list[torch.Tensor], slot=None) -> list[torch.Tensor]:
+        """``tensors`` on the host: as one stacked copy when they share shape and device (into ``slot(stacked)``
+        where that gives a place), else one by one."""
+        if all(t.shape == tensors[0].shape and t.device == tensors[0].device for t in tensors):
+            stacked = torch.stack(tensors)
+            return list(self._to_host(stacked, None if slot is None else slot(stacked)).unbind(0))
+        return [self._to_host(t) for t in tensors]
+
     def add_map(self, step: int, layer: str, probs: torch.Tensor) -> None:
         if step != self._pending_step:
             self._flush()
@@ -92,13 +101,9 @@ class AttentionRecord:
         """Send the held step's maps to the host, stacked when they share a shape (they do at one level)."""
         if not self._pending:
             return
-        step, names, maps = self._pending_step, list(self._pending), list(self._pending.values())
-        if all(m.shape == maps[0].shape and m.device == maps[0].device for m in maps):
-            stacked = torch.stack(maps)
-            host = self._to_host(stacked, self._slot(step, stacked)).unbind(0)
-        else:
-            host = [self._to_host(m) for m in maps]
-        self._maps.setdefault(step, {}).update(zip(names, host))
+        step = self._pending_step
+        host = self._send(list(self._pending.values()), functools.partial(self._slot, step))
+        self._maps.setdefault(step, {}).update(zip(self._pending, host))
         self._pending = {}
 
     def add_loss(self, step: int, loss: torch.Tensor) -> None:
@@ -111,11 +116,7 @@ class AttentionRecord:
         if self._pending_losses:
             steps, losses = zip(*self._pending_losses)
             self._pending_losses = []
-            if all(v.shape == losses[0].shape and v.device == losses[0].device for v in losses):
-                host = self._to_host(torch.stack(losses)).unbind(0)
-            else:
-                host = [self._to_host(v) for v in losses]
-            for step, v in zip(steps, host):
+            for step, v in zip(steps, self._send(list(losses))):
                 self._losses.setdefault(step, []).append(v)
         if self._in_flight is not None:
             torch.cuda.synchronize(self._in_flight)
