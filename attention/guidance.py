@@ -6,6 +6,21 @@ duration of each pass only, give the layers autograd-safe weights without copyin
 normal tensors aliasing the same storage, and layers that cast their weights anyway get a weight function that
 keeps the cast copy safe to save. On CUDA a run's pass can be captured once as a CUDA graph and replayed
 (:class:`GraphedPass`). Pure torch: the modules are duck-typed, so this runs without ComfyUI.
+
+Newest cores (dynamic VRAM, ``ModelPatcherDynamic``) differ in three ways, all handled here:
+
+- every comfy-ops layer casts (``comfy_cast_weights = True``) and the cast may hand back cached resident tensors
+  made under inference mode, views or not, which the host may evict between layers: the weight function clones
+  any cast weight that is an inference tensor or a view (:class:`_DetachedWeight`);
+- small layers keep the class-level ``weight_function``/``bias_function`` lists, one list object shared by many
+  layers of every loaded model: each distinct list gets exactly one entry, removed by identity afterwards
+  (:func:`autograd_safe_weights`);
+- a pass whose loss carries no gradient to the latent (worker threads running the model under ``no_grad``, an
+  attention backend without backward, a detached latent) raises :class:`NoGradientError` instead of stepping by
+  zero; a gradient that is zero because the loss is flat there stays a zero step.
+
+Which cast layers fetch their weights per forward (and so rule out a CUDA graph) is
+:meth:`AutogradWeights.streamed_modules`.
 """
 
 from __future__ import annotations
@@ -17,15 +32,29 @@ import torch
 from torch import nn
 
 
+class NoGradientError(RuntimeError):
+    """The gradient pass produced no gradient for the latent: guidance would silently do nothing."""
+
+
+_NO_GRADIENT = (
+    "The gradient pass produced no gradient for the latent, so Attend-and-Excite cannot steer it. Likely causes: "
+    "an attention backend without backward (int8/CK attention, SageAttention 3 and similar: select a "
+    "differentiable one such as PyTorch attention), the model run under torch.no_grad (e.g. by multi-GPU model "
+    "clones in worker threads), or another node that detaches the latent before the model."
+)
+
+
 class _DetachedWeight:
     """Weight function that makes a cast weight safe to save for backward.
 
-    On ComfyUI 0.3.75 the cast already returns a fresh tensor; newer cores may return views into reused cast
-    buffers, which a later layer would overwrite before backward: clone those.
+    On ComfyUI 0.3.75 the cast already returns a fresh normal tensor, passed through. Newer cores may return views
+    into reused cast buffers (a later layer overwrites them before backward) and, with dynamic VRAM, cached
+    resident tensors made under inference mode (autograd refuses to save them; the host may evict them between
+    layers): those are cloned. A clone made outside inference mode is a normal tensor.
     """
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
-        return w.clone() if w._is_view() else w
+        return w.clone() if w.is_inference() or w._is_view() else w
 
 
 def comfy_op_modules(roots: Iterable[nn.Module]) -> list[nn.Module]:
@@ -39,26 +68,45 @@ def comfy_op_modules(roots: Iterable[nn.Module]) -> list[nn.Module]:
     return list(seen.values())
 
 
+def function_lists(modules: Iterable[nn.Module]) -> list[list]:
+    """The distinct ``weight_function``/``bias_function`` list objects of ``modules``, each once (by identity).
+
+    Comfy-ops layers that no loader gave lists of their own share the class-level lists: one list object for many
+    layers, across models."""
+    lists: dict[int, list] = {}
+    for m in modules:
+        for lst in (m.weight_function, m.bias_function):
+            lists.setdefault(id(lst), lst)
+    return list(lists.values())
+
+
+def _remove_by_identity(lst: list, fn: object) -> None:
+    """Delete the last entry of ``lst`` that is ``fn`` itself (equal but different entries stay)."""
+    for i in range(len(lst) - 1, -1, -1):
+        if lst[i] is fn:
+            del lst[i]
+            return
+
+
 @contextlib.contextmanager
 def autograd_safe_weights(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """Append one weight function to every module for the ``with`` body; always remove exactly it afterwards.
+    """Append one weight function to every distinct function list of ``modules`` for the ``with`` body; always
+    remove exactly it afterwards.
 
     The modules are shared by every clone of a ModelPatcher, so nothing may be left behind, even on interrupt.
+    A shared class-level list gets the function once, which makes every layer using that list take its cast path
+    for the pass (one weight copy per such layer on older cores; a clone of resident weights with dynamic VRAM).
     """
     fn = _DetachedWeight()
     touched: list[list] = []
     try:
-        for m in modules:
-            for lst in (m.weight_function, m.bias_function):
-                lst.append(fn)
-                touched.append(lst)
+        for lst in function_lists(modules):
+            lst.append(fn)
+            touched.append(lst)
         yield
     finally:
         for lst in touched:
-            for i in range(len(lst) - 1, -1, -1):
-                if lst[i] is fn:
-                    del lst[i]
-                    break
+            _remove_by_identity(lst, fn)
 
 
 def alias(t: torch.Tensor) -> torch.Tensor:
@@ -77,8 +125,8 @@ class AutogradWeights:
     Per module, for the duration of each gradient pass only (always restored in ``finally``):
     - parameters that are inference tensors are swapped for normal tensors that alias the same storage
       (:func:`alias`: no copy, the layers keep their native forward and backward);
-    - layers that cast their weights anyway (low-VRAM partial loading, LoRA applied on the fly, manual casting)
-      get the weight-function trick of :func:`autograd_safe_weights`.
+    - layers that cast their weights anyway (low-VRAM partial loading, LoRA applied on the fly, manual casting,
+      every comfy-ops layer under dynamic VRAM) get the weight-function trick of :func:`autograd_safe_weights`.
 
     ``swap=False`` uses the weight-function trick everywhere (needed when hooks may re-patch weights mid-run);
     ``by_reference=False`` swaps in copies made once per run instead of aliases (the model's size again in memory;
@@ -104,6 +152,21 @@ class AutogradWeights:
                     for name, p in m._parameters.items():
                         if p is not None and p.is_inference():
                             self.swaps.append([m, name, p, self._stand_in(p)])
+
+    def streamed_modules(self, device: torch.device) -> list[nn.Module]:
+        """Cast layers whose weights the host fetches or patches anew on every forward, for a model computing on
+        ``device``: a captured CUDA graph would replay the first fetch, so any of them rules the graph out.
+
+        The other cast layers hold their weights on ``device`` and only cast dtype (manual casting) or cast by
+        flag: dynamic VRAM sets ``comfy_cast_weights`` on every layer but loads small layers fully; those replay
+        fine. Layers that dynamic VRAM pages (``_v``, a slot in its virtual VRAM buffer) count as streamed even
+        while resident: each forward asks the host whether the slot is still resident (``vbar_fault``), pins it,
+        refills it if it was evicted, and unpins it after the layer; a replay would skip all of that and read an
+        evicted slot. Replaying them would need the host to keep every slot pinned for the whole run (fault and
+        pin all of them before capture, unpin after the run) and to check their residency signatures before each
+        replay, falling back to eager passes when one changed; ComfyUI offers no call for that.
+        """
+        return [m for m in self.cast_modules if _streams_weights(m, device)]
 
     def _stand_in(self, p: torch.Tensor) -> nn.Parameter:
         # tensor subclasses (quantized weights of other packs) may not expose a plain storage: those are copied
@@ -131,6 +194,32 @@ class AutogradWeights:
                 m._parameters[name] = original
 
 
+def _on_device(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``t`` lives on ``device`` (an index-less ``device`` matches any index of its type)."""
+    return t.device.type == device.type and (device.index is None or t.device.index in (None, device.index))
+
+
+def _streams_weights(m: nn.Module, device: torch.device) -> bool:
+    """Whether a cast layer fetches or patches its weights on each forward (see
+    :meth:`AutogradWeights.streamed_modules`)."""
+    if hasattr(m, "_v"):  # paged by dynamic VRAM
+        return True
+    if m.weight_function or m.bias_function:  # patches applied per forward (LoRA on low-VRAM loads)
+        return True
+    return any(p is not None and not _on_device(p, device) for p in m._parameters.values())  # low-VRAM loading
+
+
+def _leaf_gradient(loss: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    """``d loss.sum() / d leaf``; raises :class:`NoGradientError` when the loss does not depend on ``leaf`` at all
+    (a loss that depends on it but is flat there gives zeros)."""
+    if not loss.requires_grad:
+        raise NoGradientError(_NO_GRADIENT)
+    (grad,) = torch.autograd.grad(loss.sum(), leaf, allow_unused=True)
+    if grad is None:
+        raise NoGradientError(_NO_GRADIENT)
+    return grad
+
+
 def loss_and_grad(
     forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     x: torch.Tensor,
@@ -143,16 +232,16 @@ def loss_and_grad(
     attention are per sample), so each sample's gradient is that of its own loss, in one batched pass.
 
     Returns:
-        ``(loss (B,), maxima (B, S), grad (like x))``; the gradient is zero where the loss does not depend on x.
+        ``(loss (B,), maxima (B, S), grad (like x))``; the gradient is zero where the loss is flat in x.
+
+    Raises:
+        NoGradientError: no gradient reached ``x`` (the loss does not depend on it through autograd).
     """
     with weights.active() if weights is not None else contextlib.nullcontext(), torch.inference_mode(False), \
             torch.enable_grad():
         leaf = x.detach().clone().requires_grad_(True)
         loss, maxima = forward(leaf)
-        if loss.requires_grad:
-            (grad,) = torch.autograd.grad(loss.sum(), leaf)
-        else:
-            grad = torch.zeros_like(leaf)
+        grad = _leaf_gradient(loss, leaf)
         return loss.detach().clone(), maxima.detach().clone(), grad.detach()
 
 
@@ -252,6 +341,8 @@ class GraphedPass:
         graph = self.backend.new_graph()
         try:
             self.outputs = self.backend.capture(graph, lambda: loss_and_grad(forward, static_x, self.weights))
+        except NoGradientError:  # the pass itself is broken, not its capture
+            raise
         except RuntimeError as e:  # the capture refused an operation: the passes run eagerly
             self.failure, self.outputs = f"{type(e).__name__}: {e}", ()
             return False

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from fake_graph import FakeGraphBackend
 from torch import nn
 
-from attention.guidance import AutogradWeights, GraphedPass, autograd_safe_weights, comfy_op_modules, loss_and_grad
+from attention.guidance import (
+    AutogradWeights,
+    GraphedPass,
+    NoGradientError,
+    autograd_safe_weights,
+    comfy_op_modules,
+    loss_and_grad,
+)
 
 
 class CastLinear(nn.Linear):
@@ -182,3 +191,75 @@ def test_graphed_pass_reads_each_call_inputs_and_keeps_earlier_results(fail):
     else:
         assert graphed.failure is None and backend.graphs[0].replays == 2
     assert all(len(mod.weight_function) == 0 for mod in comfy_op_modules([m]))  # nothing left behind
+
+
+def _in_no_grad_worker(m):
+    """The model run as multi-GPU clones run it: in a worker thread under ``torch.no_grad``."""
+    def forward(leaf):
+        out: list[torch.Tensor] = []
+
+        def work():
+            with torch.no_grad():
+                out.append(m(leaf))
+
+        worker = threading.Thread(target=work)
+        worker.start()
+        worker.join()
+        return out[0].squeeze(-1), leaf
+    return forward
+
+
+def _without_backward(m):
+    """An attention backend whose kernel has no backward: its output carries no autograd history."""
+    def forward(leaf):
+        h = m[0](leaf).unsqueeze(-1)  # (B, tokens, 1)
+        with torch.no_grad():
+            attn = torch.softmax(h @ h.transpose(-1, -2), -1) @ h
+        return attn.sum((-1, -2)), leaf
+    return forward
+
+
+def _detached_latent(m):
+    """Another node detaches the latent; a trainable layer of its own still makes the loss require grad."""
+    trainable = nn.Linear(3, 3)
+
+    def forward(leaf):
+        return m(trainable(leaf.detach())).squeeze(-1), leaf
+    return forward
+
+
+@pytest.mark.parametrize("case", [_in_no_grad_worker, _without_backward, _detached_latent])
+def test_no_gradient_for_the_latent_is_an_error_not_a_zero_step(case):
+    m = _model()
+    with torch.inference_mode():
+        x = torch.randn(2, 3)
+        with pytest.raises(NoGradientError, match="no gradient for the latent") as info:
+            loss_and_grad(case(m), x, AutogradWeights([m], swap=False))
+    message = str(info.value)
+    assert "attention backend" in message and "no_grad" in message and "detaches the latent" in message
+    assert all(len(mod.weight_function) == 0 for mod in comfy_op_modules([m]))  # left as found on error too
+
+
+def test_a_loss_that_is_flat_in_the_latent_gives_a_zero_gradient():
+    with torch.inference_mode():
+        x = torch.randn(2, 3)
+
+        def satisfied(leaf):  # the loss's clamp is inactive: every subject already attended
+            maxima = leaf.abs() + 2.0
+            return (1.0 - maxima).clamp(min=0.0).amax(-1), maxima
+
+        loss, _, grad = loss_and_grad(satisfied, x)
+    assert torch.equal(loss, torch.zeros(2)) and torch.equal(grad, torch.zeros(2, 3))
+
+
+def test_graphed_pass_raises_no_gradient_instead_of_falling_back():
+    m = _model()
+    graphed = GraphedPass(lambda leaf, sigma: _in_no_grad_worker(m)(leaf), AutogradWeights([m], swap=False),
+                          FakeGraphBackend())
+    with torch.inference_mode():
+        x, sigma = torch.randn(2, 3), torch.tensor(1.0)
+        with pytest.raises(NoGradientError):
+            graphed(x, sigma)
+        with pytest.raises(NoGradientError):
+            graphed.capture(x, sigma)
+    assert graphed.failure is None and graphed.graph is None
