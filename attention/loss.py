@@ -88,9 +88,9 @@ def subject_maps(
     attn: torch.Tensor,
     subjects: Sequence[int],
     slots: torch.Tensor,
-    smooth: bool = True,
+    smoothing: bool = True,
     kernel_size: int = 3,
-    sigma: float = 0.5,
+    smoothing_sigma: float = 0.5,
     temperature: float = 100.0,
 ) -> torch.Tensor:
     """The maps A&E takes the maximum of: re-softmaxed (and smoothed) subject maps, ``(B, H, W, T) -> (B, S, H, W)``.
@@ -108,18 +108,32 @@ def subject_maps(
     cols = subject_columns(subjects, slots)
     probs = resoftmax(attn, slots, temperature)
     maps = torch.stack([probs[..., c] for c in cols], dim=1)  # slices: no index tensor to copy to the device
-    if smooth:
-        maps = smooth_maps(maps.reshape(b * len(cols), h, w), kernel_size, sigma).reshape(b, len(cols), h, w)
+    if smoothing:
+        maps = smooth_maps(maps.reshape(b * len(cols), h, w), kernel_size, smoothing_sigma).reshape(b, len(cols), h, w)
     return maps
 
 
 def subject_max_attention(attn: torch.Tensor, subjects: Sequence[int], slots: torch.Tensor,
                           **options) -> torch.Tensor:
-    """Per-subject maximum ``m_s`` of :func:`subject_maps` (``options``: its keyword arguments ``smooth``,
-    ``kernel_size``, ``sigma``, ``temperature``): ``(B, H, W, T) -> (B, S)`` float32."""
+    """Per-subject maximum ``m_s`` of :func:`subject_maps` (``options``: its keyword arguments ``smoothing``,
+    ``kernel_size``, ``smoothing_sigma``, ``temperature``): ``(B, H, W, T) -> (B, S)`` float32."""
     return subject_maps(attn, subjects, slots, **options).flatten(2).amax(dim=-1)
 
 
 def ae_loss(maxima: torch.Tensor) -> torch.Tensor:
     """``L = max_s max(0, 1 - m_s)`` per sample: the most neglected subject drives the step. ``(B, S) -> (B,)``."""
     return (1.0 - maxima).clamp(min=0.0).amax(dim=-1)
+
+
+def attend_excite_objective(attn: torch.Tensor, subjects: Sequence[int], slots: torch.Tensor,
+                            **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """The A&E objective of aggregated maps: ``(loss (B,), maxima (B, S))`` = :func:`ae_loss` of
+    :func:`subject_max_attention` (``options`` as there). Differentiable; no host sync."""
+    maxima = subject_max_attention(attn, subjects, slots, **options)
+    return ae_loss(maxima), maxima
+
+
+def below_threshold(maxima: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``(B,)``: the samples whose weakest subject's max attention is still below ``threshold`` (iterative
+    refinement continues for them). ``maxima``: ``(B, S)``."""
+    return maxima.amin(dim=-1) < threshold

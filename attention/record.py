@@ -29,9 +29,9 @@ class AttentionRecord:
     subjects: tuple[int, ...] = ()
     labels: tuple[str, ...] = ()
     slots: torch.Tensor | None = None
-    smooth: bool = True
+    smoothing: bool = True
     kernel_size: int = 3
-    sigma: float = 0.5
+    smoothing_sigma: float = 0.5
     num_steps: int = 0
     guided_steps: int = 0
     _maps: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
@@ -146,5 +146,5 @@ class AttentionRecord:
         """``(B, S)`` A&E maxima ``m_s`` of the aggregated map (same processing as the loss)."""
         if self.slots is None:
             raise ValueError("record has no subject metadata")
-        return subject_max_attention(self.aggregate(steps, layers), self.subjects, self.slots, smooth=self.smooth,
-                                     kernel_size=self.kernel_size, sigma=self.sigma)
+        return subject_max_attention(self.aggregate(steps, layers), self.subjects, self.slots, smoothing=self.smoothing,
+                                     kernel_size=self.kernel_size, smoothing_sigma=self.smoothing_sigma)

@@ -101,9 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="gradient-pass weights: reference = normal tensors aliasing the model's own weights (no "
                         "copy, the default) or copy = one copy per run")
     p.add_argument("--blocks", choices=("all", "down_mid"), default="all",
-                   help="AEConfig.attention_blocks: which cross-attention layers of the level feed the loss")
+                   help="AEParams.attention_blocks: which cross-attention layers of the level feed the loss")
     p.add_argument("--cuda-graph", choices=("on", "off"), default="on",
-                   help="AEConfig.cuda_graph: replay the gradient pass from a CUDA graph (CUDA only)")
+                   help="AEParams.cuda_graph: replay the gradient pass from a CUDA graph (CUDA only)")
     p.add_argument("--record-maps", action="store_true",
                    help="timed A&E runs record the attention maps and losses as the nodes do by default (the "
                         "visualizer's input); without it they record nothing")
@@ -634,7 +634,7 @@ def target_layers(call: Callable[[dict], Any], pack, target_hw: tuple[int, int],
 def pass_forward(call: Callable[[Any, dict], Any], pack, target_hw: tuple[int, int], targets: list, attention,
                  slots) -> Callable:
     """The sampler's gradient-pass forward around ``call(x, attn2_patches)`` (one UNet run): capture the target
-    layers, stop after the last, A&E loss. Returns ``forward(leaf) -> (loss (B,), maxima (B, S))``."""
+    layers, stop after the last, the sampler's objective. Returns ``forward(leaf) -> (loss (B,), maxima (B, S))``."""
     capture, loss = pack.capture, pack.loss
     cap = capture.GradCapture(target_hw, targets[-1], attention)
     patches = {k: cap.patch(k) for k in targets}
@@ -644,8 +644,7 @@ def pass_forward(call: Callable[[Any, dict], Any], pack, target_hw: tuple[int, i
             call(leaf, patches)
         except capture.StopForward:
             pass
-        maxima = loss.subject_max_attention(cap.aggregate(), SUBJECT_INDICES, slots)
-        return loss.ae_loss(maxima), maxima
+        return loss.attend_excite_objective(cap.aggregate(), SUBJECT_INDICES, slots)
 
     return forward
 
@@ -802,7 +801,7 @@ class Bench:
         warm_steps = args.warmup_steps or args.steps
         warm_sigmas = comfy.samplers.calculate_sigmas(ms, "normal", warm_steps).cpu()
         sched = self.pack.schedule.build_schedule(args.steps)
-        cap = cap_passes(sched, sampling.AEConfig())
+        cap = cap_passes(sched, sampling.AEParams())
 
         for batch in args.batch:
             with torch.inference_mode():
@@ -981,11 +980,11 @@ class Bench:
         if mode == "plain":
             return lambda record: comfy.samplers.sampler_object("euler")
         kw = {"refinement": ()} if mode == "ae_no_refine" else {}
-        cfg = sampling.AEConfig(sampler_name="euler", record_maps=self.args.record_maps,
+        params = sampling.AEParams(sampler_name="euler", record_maps=self.args.record_maps,
                                 attention_blocks=self.args.blocks,
                                 weights_by_reference=self.args.weights == "reference",
                                 cuda_graph=self.args.cuda_graph == "on" if cuda_graph is None else cuda_graph, **kw)
-        return lambda record: sampling.make_sampler(cfg, record)
+        return lambda record: sampling.make_sampler(params, record)
 
     # ---- diffusers ----
 
@@ -1081,10 +1080,10 @@ class Bench:
         free_memory(self.device)
 
 
-def cap_passes(sched, cfg) -> int:
+def cap_passes(sched, params) -> int:
     """Gradient passes of one run when every refinement step hits its cap: one per guided step, plus
     ``max_refinement_steps`` per refinement step (the first pass is shared, one final re-evaluation)."""
-    return sched.guided_steps + len(sched.refinement) * cfg.max_refinement_steps
+    return sched.guided_steps + len(sched.refinement) * params.max_refinement_steps
 
 
 def sample_comfy(model, noise, sampler, sigmas, positive, negative, latent, seed):

@@ -13,7 +13,7 @@ pass. Per pass it counts
   the tensor's memory, its shape and dtype (``[op, shape, dtype, count, GiB]``).
 
 Every attention layer runs PyTorch's SDPA (ComfyUI's choice on NVIDIA GPUs). The ``blocks`` option chooses which
-cross-attention layers of the level feed the loss (``AEConfig.attention_blocks``), ``--resolution`` which level.
+cross-attention layers of the level feed the loss (``AEParams.attention_blocks``), ``--resolution`` which level.
 Output: JSON lines, then a Markdown table. ``docs/performance.md`` turns the counts into GPU estimates.
 
     python benchmarks/cost_model.py --arch sd15,sdxl --batch 1,4
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--blocks", type=bench._csv(str), default=["all", "down_mid"],
                    help="which cross-attention layers of the level feed the loss")
     p.add_argument("--resolution", type=int, default=0,
-                   help="AEConfig.attention_resolution: side of the level read (0 = auto, latent / 4)")
+                   help="AEParams.attention_resolution: side of the level read (0 = auto, latent / 4)")
     p.add_argument("--comfy-root", default=None)
     p.add_argument("--markdown", type=Path, default=None)
     return p.parse_args(argv)

@@ -53,11 +53,11 @@ def run(mode: str, device: str, steps: int) -> dict:
     neg = [[torch.randn(1, 77, 768, generator=gen), {}]]
     latent = torch.zeros(1, 4, side, side)
     record = pack.record.AttentionRecord()
-    cfg = pack.sampling.AEConfig(sampler_name="euler", refinement=((0.0, 0.99),), max_refinement_steps=5)
+    params = pack.sampling.AEParams(sampler_name="euler", refinement=((0.0, 0.99),), max_refinement_steps=5)
     with torch.inference_mode():
         noise = comfy.sample.prepare_noise(latent, 0)
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps).cpu()
-        out = comfy.sample.sample_custom(model, noise, 7.5, pack.sampling.make_sampler(cfg, record), sigmas, pos,
+        out = comfy.sample.sample_custom(model, noise, 7.5, pack.sampling.make_sampler(params, record), sigmas, pos,
                                          neg, latent, disable_pbar=True, seed=0)
     from comfyui_attend_excite.attention.guidance import comfy_op_modules
 

@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..attention.record import AttentionRecord
 from ..attention.schedule import DEFAULT_REFINEMENT, parse_refinement
-from .sampling import BLOCK_CHOICES, TOKEN_SLOT_MODES, AEConfig, make_sampler
+from .sampling import BLOCK_CHOICES, TOKEN_SLOT_MODES, AEParams, make_sampler
 
 AttentionMaps = io.Custom("ATTEND_EXCITE_MAPS")
 MAPS_TOOLTIP = ("Cross-attention maps of the run (cond branch, per step and layer) for AttendExciteVisualize. "
@@ -65,24 +65,16 @@ def ae_inputs() -> list:
     ]
 
 
-def ae_config(sampler_name: str, node: str, **kw) -> AEConfig:
-    return AEConfig(
-        sampler_name=sampler_name, guided_fraction=kw["guided_fraction"], scale_factor=kw["scale_factor"],
-        scale_range=(kw["scale_start"], kw["scale_end"]), refinement=parse_refinement(kw["refinement"]),
-        max_refinement_steps=kw["max_refinement_steps"], smooth=kw["smoothing"], kernel_size=kw["kernel_size"],
-        sigma=kw["smoothing_sigma"], attention_resolution=kw["attention_resolution"],
-        token_slots=kw["token_slots"], record_maps=kw["record_maps"],
-        attention_blocks=kw.get("attention_blocks", AEConfig.attention_blocks),
-        cuda_graph=kw.get("cuda_graph", AEConfig.cuda_graph), node=node)
-
-
-def _config_or_error(sampler_name: str, node: str, kw: dict) -> AEConfig:
+def ae_params(sampler_name: str, node: str, **kw) -> AEParams:
+    """The node inputs as :class:`AEParams` (same names; ``refinement`` parsed), validated."""
+    kw = {k: v for k, v in kw.items() if k in AEParams.__dataclass_fields__}
     try:
-        cfg = ae_config(sampler_name, node, **kw)
+        params = AEParams(sampler_name=sampler_name, node=node,
+                          **{**kw, "refinement": parse_refinement(kw.get("refinement", DEFAULT_REFINEMENT))})
+        params.validate()
     except ValueError as e:
         raise ValueError(f"{node}: {e}") from None
-    cfg.validate()
-    return cfg
+    return params
 
 
 class AttendExciteSampler(io.ComfyNode):
@@ -96,18 +88,27 @@ class AttendExciteSampler(io.ComfyNode):
                         "applies Attend-and-Excite latent updates during the first part of the schedule. The "
                         "positive prompt must come from AttendExciteTextEncode.",
             inputs=[io.Combo.Input("sampler_name", options=list(comfy.samplers.SAMPLER_NAMES), default="euler",
-                                   tooltip="The sampler to wrap. Single-step samplers (euler, ddim, heun, dpm_2) are "
-                                           "exact; multistep ones restart their history after each guided step."),
-                    *ae_inputs()],
+                                   tooltip="The sampler to wrap when no SAMPLER is connected. It runs once over the "
+                                           "whole schedule (its history and noise are its own); A&E edits its latent "
+                                           "at the start of each guided step. Not possible with dpm_fast, "
+                                           "dpm_adaptive and uni_pc (the node says so)."),
+                    *ae_inputs(),
+                    io.Sampler.Input("sampler", optional=True,
+                                     tooltip="Optional: a SAMPLER to wrap instead of sampler_name (KSamplerSelect, "
+                                             "SamplerDPMPP_2M_SDE with its eta/s_noise, SamplerLMS, ...).")],
             outputs=[io.Sampler.Output(display_name="SAMPLER"),
                      AttentionMaps.Output(display_name="attention_maps", tooltip=MAPS_TOOLTIP)],
         )
 
     @classmethod
-    def execute(cls, sampler_name: str, **kw) -> io.NodeOutput:
-        cfg = _config_or_error(sampler_name, "AttendExciteSampler", kw)
+    def execute(cls, sampler_name: str, sampler=None, **kw) -> io.NodeOutput:
+        params = ae_params(sampler_name, "AttendExciteSampler", **kw)
         record = AttentionRecord()
-        return io.NodeOutput(make_sampler(cfg, record), record)
+        try:
+            wrapped = make_sampler(params, record, sampler)
+        except ValueError as e:
+            raise ValueError(f"AttendExciteSampler: {e}") from None
+        return io.NodeOutput(wrapped, record)
 
 
 class AttendExciteKSampler(io.ComfyNode):
@@ -141,9 +142,9 @@ class AttendExciteKSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive,
                 negative, latent_image: dict, denoise: float, **kw) -> io.NodeOutput:
-        config = _config_or_error(sampler_name, "AttendExciteKSampler", kw)
+        params = ae_params(sampler_name, "AttendExciteKSampler", **kw)
         record = AttentionRecord()
-        sampler = make_sampler(config, record)
+        sampler = make_sampler(params, record)
         if denoise <= 0.0:
             return io.NodeOutput(dict(latent_image), record)
         # The same schedule KSampler uses (denoise, samplers that discard the penultimate sigma).

@@ -38,8 +38,8 @@ def render(record: AttentionRecord, image: torch.Tensor, start: float, end: floa
         unknown = [n for n in names if n not in record.layers]
         if unknown:
             raise ValueError(f"{NODE}: unknown layers {unknown}; recorded layers are {record.layers} (or 'all').")
-    maps = subject_maps(record.aggregate(steps, names), record.subjects, record.slots, record.smooth,
-                        record.kernel_size, record.sigma)
+    maps = subject_maps(record.aggregate(steps, names), record.subjects, record.slots, record.smoothing,
+                        record.kernel_size, record.smoothing_sigma)
     if image.shape[0] != maps.shape[0] and image.shape[0] != 1:
         raise ValueError(f"{NODE}: {image.shape[0]} images but the run had a batch of {maps.shape[0]}. Connect the "
                          f"decoded output of the same sampler.")

@@ -63,7 +63,7 @@ def test_narrow_twin_is_the_real_layout_and_ae_reads_the_same_layers(bench, arch
     pos = [[torch.randn(1, 77, 64, generator=gen), {**extra, "attend_excite": subjects}]]
     neg = [[torch.randn(1, 77, 64, generator=gen), dict(extra)]]
     record = record_mod.AttentionRecord()
-    sampler = sampling.make_sampler(sampling.AEConfig(refinement=()), record)
+    sampler = sampling.make_sampler(sampling.AEParams(refinement=()), record)
     out = sample_custom(model, sampler, pos, neg, steps=2)
     assert torch.isfinite(out).all()
     assert sorted(record.losses) == [0]

@@ -172,7 +172,7 @@ def apply_controlnet(host, cnet, strength=1.0):
 def test_ae_runs_with_a_controlnet_in_its_gradient_pass(host, plain_run, controlnet, caplog):
     from comfyui_attend_excite.nodes.sampling import COND_KEY
 
-    caplog.set_level("INFO", logger="comfyui_attend_excite.nodes.sampling")
+    caplog.set_level("INFO", logger="comfyui_attend_excite.nodes")
     pos, neg = apply_controlnet(host, controlnet)
     assert COND_KEY in pos[0][1] and pos[0][1]["control"] is neg[0][1]["control"]
     control_model = controlnet.control_model

@@ -94,7 +94,7 @@ def test_subject_max_attention_and_loss_by_hand():
     # 2x2 map, T = 77; subject 2 owns pixel (0, 0) strongly, subject 5 nothing special
     attn = torch.full((1, 2, 2, 77), 0.0)
     attn[0, 0, 0, 2] = 1.0
-    m = subject_max_attention(attn, [2, 5], slot_mask(77, "all_but_bos_last"), smooth=False)
+    m = subject_max_attention(attn, [2, 5], slot_mask(77, "all_but_bos_last"), smoothing=False)
     # pixel (0,0): softmax over 75 slots of [100, 0, ...] -> e^100/(e^100 + 74) ~ 1
     # subject 5 everywhere uniform: 1/75 at best (pixels without a peak)
     assert m.shape == (1, 2)

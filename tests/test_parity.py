@@ -103,11 +103,11 @@ def run_comfy(ctx: types.SimpleNamespace, refinement, max_refinement_steps: int)
     import torch
     from comfyui_attend_excite.attention.record import AttentionRecord
     from comfyui_attend_excite.attention.tokens import SubjectTokens
-    from comfyui_attend_excite.nodes.sampling import AEConfig, make_sampler
+    from comfyui_attend_excite.nodes.sampling import AEParams, make_sampler
 
     spec = SubjectTokens(indices=SUBJECTS, labels=("a", "b"), prompt_positions=tuple(range(1, 8)), num_keys=77,
                          family="l")
-    cfg = AEConfig(sampler_name="ddim", scale_factor=SCALE_FACTOR, attention_resolution=ATTN_RES,
+    params = AEParams(sampler_name="ddim", scale_factor=SCALE_FACTOR, attention_resolution=ATTN_RES,
                    token_slots="all_but_bos_last", refinement=tuple(refinement),
                    max_refinement_steps=max_refinement_steps)  # record_maps on: the production path
     record = AttentionRecord()
@@ -115,7 +115,7 @@ def run_comfy(ctx: types.SimpleNamespace, refinement, max_refinement_steps: int)
     negative = [[ctx.uncond.clone(), {}]]
     latent = torch.zeros_like(ctx.noise)
     with torch.inference_mode():
-        out = comfy.sample.sample_custom(ctx.model, ctx.noise.clone(), CFG, make_sampler(cfg, record), ctx.sigmas,
+        out = comfy.sample.sample_custom(ctx.model, ctx.noise.clone(), CFG, make_sampler(params, record), ctx.sigmas,
                                          positive, negative, latent, disable_pbar=True, seed=SEED)
     return record, out.detach().clone().float()
 

@@ -178,7 +178,7 @@ def test_visualizer_renders_one_row_per_image(host):
 
 
 def test_why_passes_run_without_a_cuda_graph_is_logged(host, caplog):
-    caplog.set_level("INFO", logger="comfyui_attend_excite.nodes.sampling")
+    caplog.set_level("INFO", logger="comfyui_attend_excite.nodes")
     ksample(host, steps=4, refinement="")
     assert "gradient passes run eagerly (no CUDA graph): the model runs on cpu" in caplog.text
     caplog.clear()
@@ -192,29 +192,29 @@ def test_graphed_passes_give_the_eager_result(host, caplog):
     warm-up, the target layers' pass is captured right after it, every later pass (refinement included) is a replay
     on that pass's static inputs, and the result is the eager sampler's. A refused capture or a failed warm-up leaves
     eager passes."""
-    import comfy.samplers
     from comfyui_attend_excite.attention.record import AttentionRecord
-    from comfyui_attend_excite.nodes.sampling import AEConfig, parse_refinement, sample_attend_excite
+    from comfyui_attend_excite.attention.schedule import parse_refinement
+    from comfyui_attend_excite.nodes.sampling import AEParams, make_sampler
 
-    caplog.set_level("INFO", logger="comfyui_attend_excite.nodes.sampling")
-    cfg = AEConfig(refinement=parse_refinement("0:0.99"), max_refinement_steps=3)
+    caplog.set_level("INFO", logger="comfyui_attend_excite.nodes")
+    params = AEParams(refinement=parse_refinement("0:0.99"), max_refinement_steps=3)
 
-    def run(cfg, backend=None):
+    def run(params, backend=None):
         caplog.clear()
         record = AttentionRecord()
-        sampler = comfy.samplers.KSAMPLER(sample_attend_excite, extra_options={
-            "ae_config": cfg, "ae_record": record, "ae_graph_backend": backend})
+        sampler = make_sampler(params, record)
+        sampler.extra_options["ae_graph_backend"] = backend
         out = sample_custom(host["model"], sampler, host["pos"], host["neg"], steps=4)
         losses = [float(v.flatten()[0]) for step in sorted(record.losses) for v in record.losses[step]]
         (passes,) = [r.ae_passes for r in caplog.records if hasattr(r, "ae_passes")]
         return out, losses, passes, caplog.text
 
-    eager, eager_losses, eager_passes, _ = run(replace(cfg, cuda_graph=False))
+    eager, eager_losses, eager_passes, _ = run(replace(params, cuda_graph=False))
     assert eager_passes == 2 + 2 + 1  # 2 guided steps; at step 0, 2 passes within 3 refinement steps, 1 recompute
     assert len(set(eager_losses)) > 3  # each pass saw a new latent
     for fail in ("", "capture", "warm-up"):
         backend = FakeGraphBackend(fail=fail == "capture", fail_warm_up=fail == "warm-up")
-        out, losses, passes, text = run(cfg, backend)
+        out, losses, passes, text = run(params, backend)
         assert torch.allclose(out, eager, atol=1e-6), (fail, float((out - eager).abs().max()))
         assert losses == pytest.approx(eager_losses, abs=1e-6) and passes == eager_passes
         assert backend.warm_ups == 1 and len(backend.graphs) == (fail != "warm-up")
@@ -229,7 +229,7 @@ def test_graphed_passes_give_the_eager_result(host, caplog):
 def test_pass_conds_are_copied_to_the_device_without_touching_the_callers(host):
     import comfy.sampler_helpers
     import comfy.samplers
-    from comfyui_attend_excite.nodes.sampling import _conds_on, _holds_any
+    from comfyui_attend_excite.nodes.gradient_pass import _conds_on, _holds_any
 
     with torch.inference_mode():
         conds = comfy.samplers.encode_model_conds(host["model"].model.extra_conds, comfy.sampler_helpers.convert_cond(

@@ -50,8 +50,8 @@ def _sample(sdxl, **ae):
     """The A&E sampler (no refinement) with ``ae``; ``(samples, record)``."""
     pack = sdxl["pack"]
     record = pack["attention.record"].AttentionRecord()
-    cfg = pack["nodes.sampling"].AEConfig(sampler_name="euler", refinement=(), **ae)
-    return _run(sdxl, pack["nodes.sampling"].make_sampler(cfg, record)), record
+    params = pack["nodes.sampling"].AEParams(sampler_name="euler", refinement=(), **ae)
+    return _run(sdxl, pack["nodes.sampling"].make_sampler(params, record)), record
 
 
 def test_tiny_unet_is_detected_as_sdxl(sdxl):

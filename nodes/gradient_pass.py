@@ -1,0 +1,269 @@
+"""The A&E gradient pass of one sampling run: a cond-only pass through ComfyUI's own ``calc_cond_batch`` (so LoRA,
+ControlNet and other nodes' model patches apply) that captures the subject tokens' cross-attention maps and returns
+the objective and its gradient with respect to the latent.
+
+The first pass of a run finds the layers that feed the loss (and, on CUDA, is the warm-up of the CUDA graph captured
+right after it); every later pass runs only up to the last of those layers, replayed from the graph where allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.samplers
+import torch
+from comfy.ldm.modules import attention as comfy_attention
+
+from ..attention.guidance import AutogradWeights, CudaGraphBackend, GraphedPass, NoGradientError, loss_and_grad
+from ..attention.loss import attend_excite_objective
+from .capture import GradCapture, LayerKey, MapRecorder, StopForward, attn2_keys, layer_name
+
+log = logging.getLogger(__name__)
+
+
+def _level(side: int, ds: int) -> int:
+    while ds > 1:
+        side, ds = math.ceil(side / 2), ds // 2
+    return side
+
+
+def target_resolution(latent_hw: tuple[int, int], attention_resolution: int, node: str) -> tuple[int, int]:
+    """Map side of the attention level to read: ``auto`` (0) = latent / 4, else the level whose longer side is
+    ``attention_resolution``."""
+    h, w = latent_hw
+    levels = [(_level(h, 2**k), _level(w, 2**k)) for k in range(7)]
+    if attention_resolution == 0:
+        return levels[2]
+    for hw in levels:
+        if max(hw) == attention_resolution:
+            return hw
+    raise ValueError(f"{node}: attention_resolution {attention_resolution} does not exist for a {h}x{w} latent; "
+                     f"levels are {sorted({max(x) for x in levels}, reverse=True)}. Use one of them or 0 (auto).")
+
+
+def select_blocks(keys: list[LayerKey], attention_blocks: str) -> list[LayerKey]:
+    """The cross-attention layers whose maps may feed the loss: ``all``, or ``down_mid`` (encoder and middle
+    block only, so the gradient pass never runs the decoder)."""
+    if attention_blocks == "down_mid":
+        return [k for k in keys if k[0] != "output"]
+    return list(keys)
+
+
+def _differentiable_attention(func, *args, **kwargs):
+    """``optimized_attention_override`` of the gradient pass: PyTorch's attention (it has a backward) whatever
+    backend the user chose for sampling (int8 or sage kernels have none)."""
+    return comfy_attention.attention_pytorch(*args, **kwargs)
+
+
+def _control_modules(cond: dict) -> list[torch.nn.Module]:
+    mods, ctrl = [], cond.get("control")
+    while ctrl is not None:
+        for attr in ("control_model", "t2i_model"):
+            m = getattr(ctrl, attr, None)
+            if isinstance(m, torch.nn.Module):
+                mods.append(m)
+        ctrl = getattr(ctrl, "previous_controlnet", None)
+    return mods
+
+
+def _conds_on(cond: dict, device: torch.device) -> dict:
+    """A copy of ``cond`` whose model inputs already live on ``device`` (made once per run): the text encoder leaves
+    them on the CPU, and a copy to the GPU inside each pass waits for the queued work (and cannot be captured in a
+    graph). The cond objects are copied, never changed."""
+    model_conds = {}
+    for name, c in cond.get("model_conds", {}).items():
+        t = getattr(c, "cond", None)
+        if isinstance(t, torch.Tensor) and t.device != device:
+            c = copy.copy(c)
+            c.cond = t.to(device)
+        model_conds[name] = c
+    return {**cond, "model_conds": model_conds}
+
+
+def _clone_after_skip(h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
+    """The UNet adds ControlNet residuals to the stored skip tensors in place (``h += ctrl``), which autograd rejects
+    when the next block saved the same tensor for backward. Feeding the next block a clone keeps the graph valid."""
+    return h.clone()
+
+
+def _precision(attn_precision, dtype):
+    """A layer's attention precision after ComfyUI's ``--force-upcast-attention`` / ``--dont-upcast-attention``."""
+    resolve = getattr(comfy_attention, "get_attn_precision", None)
+    return attn_precision if resolve is None else resolve(attn_precision, dtype)
+
+
+def _holds_any(v) -> bool:
+    """Whether a (nested) patch registry holds anything: empty dicts and lists inside do not count."""
+    if isinstance(v, dict):
+        return any(_holds_any(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return any(_holds_any(x) for x in v)
+    return v is not None
+
+
+def with_attn2_patches(model_options: dict, patch_for, keys: list[LayerKey]) -> dict:
+    """A copy of ``model_options`` with ``patch_for(key)`` as the attn2 replace patch of each key."""
+    for key in keys:
+        model_options = comfy.model_patcher.set_model_options_patch_replace(model_options, patch_for(key), "attn2",
+                                                                            *key)
+    return model_options
+
+
+class GradientPasses:
+    """``passes(x, sigma) -> (loss (B,), maxima (B, S), dL/dx)`` for one sampling run; nothing outlives the run.
+
+    ``subjects``: the run's :class:`~nodes.subjects.RunSubjects` (cond, token indices, slots); ``params``: the
+    sampler's ``AEParams``."""
+
+    def __init__(self, base_model, subjects, params, target_hw: tuple[int, int], model_options: dict,
+                 graph_backend=None) -> None:
+        self.base, self.subjects, self.params = base_model, subjects, params
+        self.target_hw = target_hw
+        self.model_options = model_options
+        self.graph_backend = graph_backend if graph_backend is not None else CudaGraphBackend()
+        self.keys = select_blocks(attn2_keys(self.base.diffusion_model), params.attention_blocks)
+        self.target_keys: list[LayerKey] | None = None  # found by the first pass
+        self.weights: AutogradWeights | None = None  # made by the first pass (plain runs copy nothing)
+        self.graphed: GraphedPass | None = None
+        self.cond: dict | None = None  # the subjects' cond with its model inputs on the model's device
+        self.graph_used = False
+
+    # ---- the options of a pass ----
+
+    def _options(self, patch_for, keys: list[LayerKey], grad: bool) -> dict:
+        mo = dict(self.model_options)
+        mo["transformer_options"] = to = dict(mo.get("transformer_options", {}))
+        if grad:
+            mo.pop("multigpu_clones", None)  # other devices' workers run under no_grad: the pass would be a no-op
+            to["optimized_attention_override"] = _differentiable_attention
+            if self.subjects.cond.get("control") is not None:
+                patches = dict(to.get("patches", {}))
+                patches["input_block_patch_after_skip"] = [*patches.get("input_block_patch_after_skip", []),
+                                                           _clone_after_skip]
+                to["patches"] = patches
+        return with_attn2_patches(mo, patch_for, keys)
+
+    def recording_options(self, recorder: MapRecorder) -> dict:
+        """The run's model options with ``recorder``'s patches on the layers that may feed the loss."""
+        return self._options(recorder.patch, self.keys, grad=False)
+
+    def map_recorder(self, record, sigma_values: list[float]) -> MapRecorder:
+        return MapRecorder(record, self.target_hw, sigma_values, comfy_attention.optimized_attention, _precision)
+
+    def _forward(self, keys: list[LayerKey]):
+        """``(capture, forward)``: ``forward(leaf, sigma) -> (loss, maxima)`` runs the cond-only pass with ``capture``'s
+        patches on ``keys``, stopped after the last of them."""
+        capture = GradCapture(self.target_hw, keys[-1] if keys else None, comfy_attention.optimized_attention,
+                              _precision)
+        mo, p, s = self._options(capture.patch, keys, grad=True), self.params, self.subjects
+
+        def forward(leaf: torch.Tensor, sigma: torch.Tensor):
+            try:
+                comfy.samplers.calc_cond_batch(self.base, [[self.cond]], leaf, sigma * leaf.new_ones(leaf.shape[0]),
+                                               mo)
+            except StopForward:
+                pass
+            if not capture.maps:
+                seen = sorted({f"{h}x{w}" for h, w in capture.seen.values()})
+                raise ValueError(f"{p.node}: no cross-attention layer works at {self.target_hw[0]}x"
+                                 f"{self.target_hw[1]}; this model has {seen}. Set attention_resolution to one "
+                                 f"of those sides.")
+            return attend_excite_objective(capture.aggregate(), s.indices, s.slots, smoothing=p.smoothing,
+                                           kernel_size=p.kernel_size, smoothing_sigma=p.smoothing_sigma)
+
+        return capture, forward
+
+    # ---- passes ----
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if self.target_keys is None:
+            return self._first_pass(x, sigma)
+        if self.graphed is not None:
+            return self.graphed(x, sigma)
+        _, forward = self._forward(self.target_keys)
+        return loss_and_grad(lambda leaf: forward(leaf, sigma), x, self.weights)
+
+    def _first_pass(self, x: torch.Tensor, sigma: torch.Tensor):
+        """Runs over every candidate layer, keeps those seen at the target level; where :meth:`graph_blockers`
+        allows, runs on a side stream as the warm-up of the CUDA graph captured right after it."""
+        self.cond = _conds_on(self.subjects.cond, x.device)
+        self.weights = AutogradWeights([self.base, *_control_modules(self.subjects.cond)], swap=not self._hooked(),
+                                       by_reference=self.params.weights_by_reference)
+        capture, forward = self._forward(self.keys)
+        run_pass = functools.partial(loss_and_grad, lambda leaf: forward(leaf, sigma), x, self.weights)
+        blockers = self.graph_blockers(x)
+        if blockers:
+            out = run_pass()
+        else:
+            try:
+                out = self.graph_backend.warm_up(run_pass)
+            except NoGradientError:
+                raise
+            except RuntimeError as e:  # the side-stream run failed: this run keeps eager passes (a model error recurs)
+                log.warning("%s: CUDA graph warm-up failed, running the pass eagerly: %s: %s", self.params.node,
+                            type(e).__name__, e)
+                blockers, out = ["the warm-up failed"], run_pass()
+        self.target_keys = [k for k in self.keys if capture.seen.get(k) == self.target_hw]
+        log.debug("%s: A&E reads %s", self.params.node, [layer_name(k) for k in self.target_keys])
+        if blockers:
+            log.info("%s: gradient passes run eagerly (no CUDA graph): %s", self.params.node, "; ".join(blockers))
+        elif self.target_keys:
+            self._capture_graph(x, sigma)
+        return out
+
+    def _capture_graph(self, x: torch.Tensor, sigma: torch.Tensor) -> None:
+        graphed = GraphedPass(self._forward(self.target_keys)[1], self.weights, self.graph_backend)
+        if graphed.capture(x, sigma):
+            self.graphed, self.graph_used = graphed, True
+        else:
+            log.warning("%s: CUDA graph capture failed, gradient passes run eagerly: %s", self.params.node,
+                        graphed.failure)
+
+    def close(self) -> None:
+        """Drop what only the passes need (the graph and its memory pool, weight stand-ins); idempotent."""
+        self.graphed, self.weights, self.cond = None, None, None
+
+    # ---- when a CUDA graph may replay the pass ----
+
+    def _hooked(self) -> bool:
+        """Hook keyframes may re-patch weights inside ``calc_cond_batch``."""
+        return bool(getattr(self.base.current_patcher, "hook_patches", None)) or "hooks" in self.subjects.cond
+
+    def graph_blockers(self, x: torch.Tensor) -> list[str]:
+        """Why this run's gradient pass must not be replayed from a CUDA graph (empty: it may).
+
+        A graph replays the kernels of one pass on the same memory: everything that decides on the host per step
+        (ControlNet, hook keyframes, timestep ranges, other nodes' patches and wrappers) or moves weights (casting
+        on the fly, low-VRAM loading) would be frozen at the captured step, so such runs keep eager passes."""
+        out, cond = [], self.subjects.cond
+        if not self.params.cuda_graph:
+            out.append("cuda_graph is off")
+        device = self.graph_backend.blocker(x.device)
+        if device is not None:
+            out.append(device)
+        if cond.get("control") is not None:
+            out.append("ControlNet")
+        if self._hooked():
+            out.append("hooks")
+        if any(k in cond for k in ("timestep_start", "timestep_end")):
+            out.append("a conditioning timestep range")
+        if self.weights is not None and self.weights.streamed_modules(x.device):
+            out.append("weights fetched or patched on the fly (low-VRAM loading, dynamic VRAM paging, LoRA)")
+        to = self.model_options.get("transformer_options", {})
+        foreign = [k for k, v in to.get("patches", {}).items() if _holds_any(v)]
+        foreign += [f"{k} replace" for k, v in to.get("patches_replace", {}).items() if _holds_any(v)]
+        foreign += [k for k in ("wrappers", "callbacks") if _holds_any(to.get(k))]
+        foreign += [k for k in ("model_function_wrapper",) if self.model_options.get(k) is not None]
+        callbacks = getattr(self.base.current_patcher, "get_all_callbacks", None)
+        if callbacks is not None and callbacks(comfy.patcher_extension.CallbacksMP.ON_PREPARE_STATE):
+            foreign.append("prepare-state callbacks")
+        if foreign:
+            out.append("model patches of other nodes (" + ", ".join(foreign) + ")")
+        return out
