@@ -19,6 +19,7 @@ test: setup
 # Unit tests only (seconds).
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(ARGS)
+test-browser: setup ; $(PY) -m pytest -m browser $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

@@ -160,6 +160,8 @@ class ComfyServer(ComfyClient):
             linked as ``comfyui_attend_excite``, others under their folder name).
         env: extra environment variables for the server process (e.g. ``OMP_NUM_THREADS``).
         cpu: pass ``--cpu`` (default); ``False`` lets ComfyUI use its GPU.
+        web_ui: serve ComfyUI's own web front end (needs ``comfyui-frontend-package`` in the server's
+            Python, see ``scripts/bootstrap_browser.sh``); default ``False`` serves an empty folder.
     """
 
     host = "127.0.0.1"
@@ -173,6 +175,7 @@ class ComfyServer(ComfyClient):
         custom_node_dirs: Iterable[str | os.PathLike[str]] = (REPO_ROOT,),
         env: Mapping[str, str] | None = None,
         cpu: bool = True,
+        web_ui: bool = False,
     ) -> None:
         self.base_dir = Path(base_dir).resolve()
         self.comfy_root = Path(comfy_root).resolve() if comfy_root is not None else default_comfy_root()
@@ -181,6 +184,7 @@ class ComfyServer(ComfyClient):
         self.custom_node_dirs = [Path(d).resolve() for d in custom_node_dirs]
         self.env = dict(env or {})
         self.cpu = cpu
+        self.web_ui = web_ui
         self.port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.base_dir / "server.log"
@@ -230,8 +234,7 @@ class ComfyServer(ComfyClient):
             "--disable-api-nodes",
             "--database-url",
             "sqlite:///:memory:",
-            "--front-end-root",
-            str(self.base_dir / "frontend_empty"),
+            *([] if self.web_ui else ["--front-end-root", str(self.base_dir / "frontend_empty")]),
             "--preview-method",
             "none",
             *self.extra_args,
