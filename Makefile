@@ -12,9 +12,19 @@ setup:
 demo: setup
 	$(PY) scripts/run_demo.py $(ARGS)
 
-# The whole test suite (unit, in-process host, HTTP server, parity).
+# The whole test suite (unit, in-process host, HTTP server, parity) on ComfyUI 0.3.75 (.comfyui/), then the
+# host-marked tests again on ComfyUI 0.8.0 (.comfyui-0.8.0/, present when bootstrap found its tarball).
+COMFY080 := $(CURDIR)/.comfyui-0.8.0
 test: setup
+	@echo "== tests on ComfyUI 0.3.75 =="
 	$(PY) -m pytest $(ARGS)
+	@if [ -f "$(COMFY080)/main.py" ]; then \
+	  echo "== host tests on ComfyUI 0.8.0 =="; \
+	  echo "COMFYUI_ROOT=$(COMFY080) $(PY) -m pytest -m host $(ARGS)"; \
+	  COMFYUI_ROOT="$(COMFY080)" $(PY) -m pytest -m host $(ARGS); \
+	else \
+	  echo "== host tests on ComfyUI 0.8.0: SKIPPED (no .comfyui-0.8.0/: its tarball was not found by scripts/bootstrap.sh) =="; \
+	fi
 
 # Unit tests only (seconds).
 test-fast: setup
