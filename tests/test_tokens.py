@@ -7,6 +7,8 @@ import torch
 
 from attention.tokens import clean_word, prompt_tokens, resolve_subjects
 
+pytestmark = pytest.mark.host
+
 
 @pytest.fixture(scope="module")
 def sd1(comfy_inprocess):
