@@ -4,7 +4,7 @@
     python scripts/run_demo.py --checkpoint model.safetensors [--comfyui /path/to/ComfyUI]
 
 Starts ComfyUI headless on a free local port with this pack loaded, converts
-``workflows/attend_and_excite_sd15.json`` (UI format) to an API prompt with the server's own node definitions,
+``workflows/Attend-and-Excite - SD1.5 text to image.json`` (UI format) to an API prompt with the server's own node definitions,
 runs it, and writes the plain and A&E images and their attention-map panels to the output folder it prints.
 """
 
@@ -25,7 +25,7 @@ from comfy_server import ComfyServer, default_comfy_root, ui_to_api  # noqa: E40
 from tiny_checkpoint import ensure_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-WORKFLOW = REPO / "workflows" / "attend_and_excite_sd15.json"
+WORKFLOW = REPO / "workflows" / "Attend-and-Excite - SD1.5 text to image.json"
 log = logging.getLogger("attend_excite.demo")
 
 
