@@ -2,8 +2,9 @@
 ControlNet and other nodes' model patches apply) that captures the subject tokens' cross-attention maps and returns
 the objective and its gradient with respect to the latent.
 
-The first pass of a run finds the layers that feed the loss (and, on CUDA, is the warm-up of the CUDA graph captured
-right after it); every later pass runs only up to the last of those layers, replayed from the graph where allowed.
+The layers that feed the loss are the cross-attention layers of the target level, found from the UNet's structure
+(:func:`level_keys`); every pass runs only up to the last of them. The first pass of a run is, on CUDA, the warm-up
+of the CUDA graph captured right after it; later passes are replayed from the graph where allowed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ from comfy.ldm.modules import attention as comfy_attention
 
 from ..attention.guidance import AutogradWeights, CudaGraphBackend, GraphedPass, NoGradientError, loss_and_grad
 from ..attention.loss import attend_excite_objective
-from .capture import GradCapture, LayerKey, MapRecorder, StopForward, attn2_keys, layer_name
+from .capture import (
+    GradCapture,
+    LayerKey,
+    MapRecorder,
+    StopForward,
+    attn2_levels,
+    graph_safe_block_patches,
+    layer_name,
+    replaced_attn2,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +63,22 @@ def select_blocks(keys: list[LayerKey], attention_blocks: str) -> list[LayerKey]
     if attention_blocks == "down_mid":
         return [k for k in keys if k[0] != "output"]
     return list(keys)
+
+
+def level_keys(diffusion_model: torch.nn.Module, latent_hw: tuple[int, int], target_hw: tuple[int, int],
+               attention_blocks: str, node: str) -> list[LayerKey]:
+    """The cross-attention layers of the level whose maps are ``target_hw`` in an ordinary forward of a
+    ``latent_hw`` latent, by the UNet's structure: nodes that resize the hidden state (Deep Shrink) change the size
+    those layers see, not which layers they are (their maps are resized to ``target_hw``)."""
+    levels = attn2_levels(diffusion_model)
+    side = {v: (_level(latent_hw[0], 2**v), _level(latent_hw[1], 2**v)) for v in set(levels.values())}
+    keys = select_blocks([k for k, v in levels.items() if side[v] == tuple(target_hw)], attention_blocks)
+    if not keys:
+        sides = sorted({max(hw) for hw in side.values()}, reverse=True)
+        raise ValueError(f"{node}: no cross-attention layer works at {target_hw[0]}x{target_hw[1]}"
+                         f"{'' if attention_blocks == 'all' else ' in ' + attention_blocks}; this model has them at "
+                         f"{sides}. Set attention_resolution to one of those sides.")
+    return keys
 
 
 def _differentiable_attention(func, *args, **kwargs):
@@ -108,10 +134,12 @@ def _holds_any(v) -> bool:
 
 
 def with_attn2_patches(model_options: dict, patch_for, keys: list[LayerKey]) -> dict:
-    """A copy of ``model_options`` with ``patch_for(key)`` as the attn2 replace patch of each key."""
+    """A copy of ``model_options`` with ``patch_for(key, inner)`` as the attn2 replace patch of each key; ``inner``:
+    another node's replace patch of that layer in ``model_options`` (or ``None``), which A&E's patch wraps."""
+    others = model_options
     for key in keys:
-        model_options = comfy.model_patcher.set_model_options_patch_replace(model_options, patch_for(key), "attn2",
-                                                                            *key)
+        patch = patch_for(key, replaced_attn2(others, key))
+        model_options = comfy.model_patcher.set_model_options_patch_replace(model_options, patch, "attn2", *key)
     return model_options
 
 
@@ -122,13 +150,13 @@ class GradientPasses:
     sampler's ``AEParams``."""
 
     def __init__(self, base_model, subjects, params, target_hw: tuple[int, int], model_options: dict,
-                 graph_backend=None) -> None:
+                 graph_backend=None, *, latent_hw: tuple[int, int]) -> None:
         self.base, self.subjects, self.params = base_model, subjects, params
         self.target_hw = target_hw
         self.model_options = model_options
         self.graph_backend = graph_backend if graph_backend is not None else CudaGraphBackend()
-        self.keys = select_blocks(attn2_keys(self.base.diffusion_model), params.attention_blocks)
-        self.target_keys: list[LayerKey] | None = None  # found by the first pass
+        self.keys = level_keys(self.base.diffusion_model, latent_hw, target_hw, params.attention_blocks, params.node)
+        self.target_keys: list[LayerKey] | None = None  # set by the first pass
         self.weights: AutogradWeights | None = None  # made by the first pass (plain runs copy nothing)
         self.graphed: GraphedPass | None = None
         self.cond: dict | None = None  # the subjects' cond with its model inputs on the model's device
@@ -142,6 +170,7 @@ class GradientPasses:
         if grad:
             mo.pop("multigpu_clones", None)  # other devices' workers run under no_grad: the pass would be a no-op
             to["optimized_attention_override"] = _differentiable_attention
+            mo["transformer_options"] = to = graph_safe_block_patches(to)
             if self.subjects.cond.get("control") is not None:
                 patches = dict(to.get("patches", {}))
                 patches["input_block_patch_after_skip"] = [*patches.get("input_block_patch_after_skip", []),
@@ -154,13 +183,14 @@ class GradientPasses:
         return self._options(recorder.patch, self.keys, grad=False)
 
     def map_recorder(self, record, sigma_values: list[float]) -> MapRecorder:
-        return MapRecorder(record, self.target_hw, sigma_values, comfy_attention.optimized_attention, _precision)
+        return MapRecorder(record, self.target_hw, sigma_values, comfy_attention.optimized_attention, _precision,
+                           self.keys)
 
     def _forward(self, keys: list[LayerKey]):
         """``(capture, forward)``: ``forward(leaf, sigma) -> (loss, maxima)`` runs the cond-only pass with ``capture``'s
         patches on ``keys``, stopped after the last of them."""
         capture = GradCapture(self.target_hw, keys[-1] if keys else None, comfy_attention.optimized_attention,
-                              _precision)
+                              _precision, keys)
         mo, p, s = self._options(capture.patch, keys, grad=True), self.params, self.subjects
 
         def forward(leaf: torch.Tensor, sigma: torch.Tensor):
@@ -191,12 +221,12 @@ class GradientPasses:
         return loss_and_grad(lambda leaf: forward(leaf, sigma), x, self.weights)
 
     def _first_pass(self, x: torch.Tensor, sigma: torch.Tensor):
-        """Runs over every candidate layer, keeps those seen at the target level; where :meth:`graph_blockers`
-        allows, runs on a side stream as the warm-up of the CUDA graph captured right after it."""
+        """Where :meth:`graph_blockers` allows, runs on a side stream as the warm-up of the CUDA graph captured right
+        after it."""
         self.cond = _conds_on(self.subjects.cond, x.device)
         self.weights = AutogradWeights([self.base, *_control_modules(self.subjects.cond)], swap=not self._hooked(),
                                        by_reference=self.params.weights_by_reference)
-        capture, forward = self._forward(self.keys)
+        _, forward = self._forward(self.keys)
         run_pass = functools.partial(loss_and_grad, lambda leaf: forward(leaf, sigma), x, self.weights)
         blockers = self.graph_blockers(x)
         if blockers:
@@ -210,7 +240,7 @@ class GradientPasses:
                 log.warning("%s: CUDA graph warm-up failed, running the pass eagerly: %s: %s", self.params.node,
                             type(e).__name__, e)
                 blockers, out = ["the warm-up failed"], run_pass()
-        self.target_keys = [k for k in self.keys if capture.seen.get(k) == self.target_hw]
+        self.target_keys = list(self.keys)
         log.debug("%s: A&E reads %s", self.params.node, [layer_name(k) for k in self.target_keys])
         if blockers:
             log.info("%s: gradient passes run eagerly (no CUDA graph): %s", self.params.node, "; ".join(blockers))

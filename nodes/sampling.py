@@ -166,7 +166,8 @@ def sample_attend_excite(model, x, sigmas, extra_args=None, callback=None, disab
     base = model.inner_model.inner_model
     subjects = run_subjects(model.inner_model, params)
     target_hw = target_resolution(tuple(x.shape[-2:]), params.attention_resolution, params.node)
-    passes = GradientPasses(base, subjects, params, target_hw, extra_args.get("model_options", {}), ae_graph_backend)
+    passes = GradientPasses(base, subjects, params, target_hw, extra_args.get("model_options", {}), ae_graph_backend,
+                            latent_hw=tuple(x.shape[-2:]))
     if record is not None:
         record.reset(subjects=subjects.indices, labels=subjects.spec.labels, slots=subjects.slots,
                      smoothing=params.smoothing, kernel_size=params.kernel_size,
