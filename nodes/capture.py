@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 LayerKey = tuple[str, int, int]  # (block name, block id, block_index) as in ComfyUI's attn2 replace keys
 
-_RESAMPLING = {"Downsample": 1, "Upsample": -1}  # ComfyUI's UNet layers that halve / double the hidden state
 BLOCK_PATCHES = ("input_block_patch", "input_block_patch_after_skip", "middle_patch", "output_block_patch")
 
 
@@ -46,12 +45,8 @@ def layer_name(key: LayerKey) -> str:
 def _resampling(layer: torch.nn.Module) -> int:
     """+1 for a layer that halves the hidden state (``Downsample``, a down-sampling ``ResBlock``), -1 for one that
     doubles it, else 0."""
-    step = _RESAMPLING.get(type(layer).__name__)
-    if step is not None:
-        return step
-    if getattr(layer, "updown", False):
-        return _RESAMPLING.get(type(getattr(layer, "h_upd", None)).__name__, 0)
-    return 0
+    kind = type(getattr(layer, "h_upd", None) if getattr(layer, "updown", False) else layer).__name__
+    return {"Downsample": 1, "Upsample": -1}.get(kind, 0)  # ComfyUI's UNet layers that halve / double the state
 
 
 def attn2_levels(diffusion_model: torch.nn.Module) -> dict[LayerKey, int]:
