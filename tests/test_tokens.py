@@ -72,12 +72,19 @@ def test_prompt_past_77_tokens_uses_global_key_indices(sd1):
 
 
 def test_unknown_word_lists_the_token_table(sd1):
-    with pytest.raises(ValueError, match=r"(?s)'horse'.*not in the prompt.*2: cat</w>"):
+    with pytest.raises(ValueError, match=r"(?s)^subject 'horse' is not in the prompt.*\n- 2: cat\n") as err:
         sd1("a cat and a dog", "horse")
-    with pytest.raises(ValueError, match="not a prompt token"):
+    assert "</w>" not in str(err.value) and "tokens [" not in str(err.value)  # words, no raw token ids
+    with pytest.raises(ValueError, match="not the index of a prompt token"):
         sd1("a cat and a dog", "0")
-    with pytest.raises(ValueError, match="no subjects"):
+    with pytest.raises(ValueError, match="subjects is empty"):
         sd1("a cat and a dog", " , ")
+
+
+def test_non_ascii_words_are_found_and_shown_decoded(sd1):
+    idx, labels, toks, _ = sd1("a 🐢 and a café", "🐢, café")
+    assert idx == [2, 5] and labels == ["🐢", "café"]
+    assert [t.text for t in toks][1] == "ðŁĲ¢</w>"  # byte-level BPE as the vocabulary stores it
 
 
 def test_embeddings_occupy_positions_and_must_be_given_by_index():
@@ -87,8 +94,11 @@ def test_embeddings_occupy_positions_and_must_be_given_by_index():
     toks = prompt_tokens(chunks, {49406, 49407}, vocab.__getitem__)
     assert [(t.index, t.text) for t in toks] == [(1, "a</w>"), (2, "<embedding>"), (3, "and</w>"), (4, "dog</w>")]
     assert resolve_subjects("2, dog", toks, lambda w: [2368])[0] == [2, 4]
-    with pytest.raises(ValueError, match="embedding"):
+    with pytest.raises(ValueError, match="is an embedding.*index"):
         resolve_subjects("embedding:foo", toks, lambda w: [1])
+    with pytest.raises(ValueError, match="embedding 'foo' is not installed") as err:
+        resolve_subjects("embedding:foo", toks, lambda w: [1], embedding_installed=lambda name: False)
+    assert "index" not in str(err.value)
 
 
 def test_clean_word():
