@@ -6,6 +6,9 @@ from comfy_api.latest import ComfyExtension, io
 
 from .nodes import NODES
 
+# The front-end extension that shows the token table and the report's numbers on their nodes.
+WEB_DIRECTORY = "./web"
+
 
 class AttendExciteExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:

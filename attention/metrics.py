@@ -17,7 +17,7 @@ tiny tensors.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -184,3 +184,16 @@ def neglect_rate(maxima: torch.Tensor, threshold: float) -> float:
     """Share of samples in ``(B, S)`` ``maxima`` with a neglected subject (0 for an empty batch)."""
     flags = neglected(maxima, threshold)
     return float(flags.float().mean()) if flags.numel() else 0.0
+
+
+def report_text(report: Mapping) -> str:
+    """The Report node's numbers as lines for people: the step read, then per image each subject's max attention,
+    ``← neglected`` where one is below the threshold. ``report`` has the keys the Report node outputs."""
+    step, n = int(report["step"]), int(report["num_steps"])
+    which = "the last guided step" if report["guided_steps"] else "where the guided half would end (plain run)"
+    lines = [f"Max attention per subject at step {step + 1} of {n} ({which}); neglected below "
+             f"{float(report['threshold']):.2f}."]
+    for b, (row, flag) in enumerate(zip(report["max_attention"], report["neglected"]), 1):
+        values = ", ".join(f"{label} {float(v):.2f}" for label, v in zip(report["labels"], row))
+        lines.append(f"image {b}: {values}" + ("  ← neglected" if flag else ""))
+    return "\n".join(lines)

@@ -8,8 +8,10 @@ import torch
 from comfy_api.latest import io
 
 from ..attention.heatmap import subject_strip
+from ..attention.inputs import order_problem, verdict
 from ..attention.loss import subject_maps
 from ..attention.record import AttentionRecord
+from .options import widget_problems
 from .samplers import AttentionMaps
 
 NODE = "AttendExciteVisualize"
@@ -25,27 +27,50 @@ def select_steps(record: AttentionRecord, start: float, end: float) -> list[int]
 def render(record: AttentionRecord, image: torch.Tensor, start: float, end: float, layers: str,
            alpha: float) -> torch.Tensor:
     if not isinstance(record, AttentionRecord):
-        raise TypeError(f"{NODE}: attention_maps must come from an Attend-and-Excite sampler node.")
+        raise TypeError("attention_maps must come from an Attend-and-Excite sampler node.")
     if not record.maps:
-        raise ValueError(f"{NODE}: the run recorded no attention maps. Enable record_maps on the sampler and make "
-                         f"sure the image comes from that sampler's output.")
+        raise ValueError("attention_maps is empty: the run recorded no attention maps. Turn record_maps on (on the "
+                         "Attend-and-Excite Options node) and decode the image from that sampler's output.")
+    problem = order_problem("start_percent", start, "end_percent", end)
+    if problem:
+        raise ValueError(problem)
     steps = select_steps(record, start, end)
     if not steps:
-        raise ValueError(f"{NODE}: no recorded step between {start:.2f} and {end:.2f} of the schedule "
-                         f"({record.num_steps} steps). Widen start_percent/end_percent.")
+        raise ValueError(f"no recorded step between start_percent {start:.2f} and end_percent {end:.2f} of the "
+                         f"schedule ({record.num_steps} steps). Widen the range.")
     names = [n.strip() for n in layers.split(",") if n.strip()] if layers.strip() not in ("", "all") else None
     if names:
         unknown = [n for n in names if n not in record.layers]
         if unknown:
-            raise ValueError(f"{NODE}: unknown layers {unknown}; recorded layers are {record.layers} (or 'all').")
+            raise ValueError(f"layers names unknown layers ({', '.join(unknown)}). Give 'all' or some of the "
+                             f"recorded ones: {', '.join(record.layers)}.")
     maps = subject_maps(record.aggregate(steps, names), record.subjects, record.slots, record.smoothing,
                         record.kernel_size, record.smoothing_sigma)
     if image.shape[0] != maps.shape[0] and image.shape[0] != 1:
-        raise ValueError(f"{NODE}: {image.shape[0]} images but the run had a batch of {maps.shape[0]}. Connect the "
+        raise ValueError(f"image has {image.shape[0]} images but the run had a batch of {maps.shape[0]}. Connect the "
                          f"decoded output of the same sampler.")
     labels = [f"{lbl} ({idx})" for lbl, idx in zip(record.labels, record.subjects)]
     strips = [subject_strip(image[min(b, image.shape[0] - 1)], maps[b], labels, alpha) for b in range(maps.shape[0])]
     return torch.stack(strips)
+
+
+def inputs() -> list:
+    return [
+        AttentionMaps.Input("attention_maps", tooltip="The attention_maps output of an Attend-and-Excite sampler "
+                                                      "node (record_maps on, the default)."),
+        io.Image.Input("image", tooltip="The decoded output of the same run (VAE Decode of its LATENT)."),
+        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Start of the averaged steps as a share of the schedule, 0 to 1 (0 = the first "
+                               "step)."),
+        io.Float.Input("end_percent", default=0.5, min=0.0, max=1.0, step=0.01,
+                       tooltip="End of the averaged steps as a share of the schedule, 0 to 1, at least "
+                               "start_percent (0.5 = the paper's guided steps)."),
+        io.String.Input("layers", default="all",
+                        tooltip="'all' (the layers A&E reads) or comma-separated layer names such as "
+                                "'input.7.0, output.3.0'."),
+        io.Float.Input("alpha", default=0.55, min=0.0, max=1.0, step=0.05,
+                       tooltip="Heatmap opacity over the image, 0 (image only) to 1 (heatmap only)."),
+    ]
 
 
 class AttendExciteVisualize(io.ComfyNode):
@@ -58,20 +83,19 @@ class AttendExciteVisualize(io.ComfyNode):
             description="Per-subject cross-attention heatmaps of a run (the re-softmaxed, smoothed maps A&E "
                         "maximises, averaged over the chosen steps and layers), overlaid on the decoded image. "
                         "Outputs a batch with one row per image: the image, then one panel per subject.",
-            inputs=[
-                AttentionMaps.Input("attention_maps", tooltip="From an Attend-and-Excite sampler node."),
-                io.Image.Input("image", tooltip="The decoded output of the same run."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="First part of the schedule to average (0 = first step)."),
-                io.Float.Input("end_percent", default=0.5, min=0.0, max=1.0, step=0.01,
-                               tooltip="End of the averaged range (0.5 = the paper's guided steps)."),
-                io.String.Input("layers", default="all",
-                                tooltip="'all' or comma-separated layer names such as 'input.7.0, output.3.0'."),
-                io.Float.Input("alpha", default=0.55, min=0.0, max=1.0, step=0.05, tooltip="Heatmap opacity."),
-            ],
+            inputs=inputs(),
             outputs=[io.Image.Output(display_name="IMAGE",
-                                     tooltip="Batch: one row per image = image | subject 1 | subject 2 ...")],
+                                     tooltip="Batch: one row per image = image | subject 1 | subject 2 ...; each "
+                                             "panel the size of the decoded image.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, start_percent: float | None = None, end_percent: float | None = None,
+                        alpha: float | None = None) -> bool | str:
+        values = {"start_percent": start_percent, "end_percent": end_percent, "alpha": alpha}
+        order = (order_problem("start_percent", start_percent, "end_percent", end_percent)
+                 if start_percent is not None and end_percent is not None else None)
+        return verdict(*widget_problems(inputs(), values), order)
 
     @classmethod
     def execute(cls, attention_maps, image, start_percent: float, end_percent: float, layers: str,

@@ -333,6 +333,12 @@ def _format_messages(messages: Iterable[Any]) -> str:
 
 # --------------------------------------------------------------------- ui_to_api
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# Expert settings the pack's sampler nodes had as widgets before they moved to the Attend-and-Excite Options
+# node, in their saved order; workflows saved then list their values after the widgets the nodes kept. They are
+# passed on by name (the nodes still take them from the prompt), as the pack's front-end extension keeps them.
+EARLIER_SETTINGS = ("max_refinement_steps", "smoothing", "kernel_size", "smoothing_sigma", "attention_resolution",
+                    "token_slots", "record_maps", "attention_blocks", "cuda_graph")
+EARLIER_LAYOUT = {"AttendExciteKSampler": EARLIER_SETTINGS, "AttendExciteSampler": EARLIER_SETTINGS}
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 MUTED, BYPASSED = 2, 4
 
@@ -366,6 +372,8 @@ def ui_to_api(workflow: Mapping[str, Any], object_info: Mapping[str, Any]) -> di
     - Widget values (``widgets_values``) map to the widget inputs in ``input_order`` order; the
       frontend stores one extra value after seed-like INT widgets ("fixed"/"randomize"/...) and
       after upload combos, both skipped. A widget input that is also fed by a link takes the link.
+      Values after the last widget are dropped, as the frontend drops them, except on the pack's
+      sampler nodes saved with the earlier layout (``EARLIER_LAYOUT``): they become named inputs.
     - Nodes with mode 2 (muted) are dropped, and so are inputs fed by them. Nodes with mode 4
       (bypassed) are dropped and their consumers are wired to the bypassed node's input of the
       same type (as the frontend does).
@@ -429,6 +437,9 @@ def ui_to_api(workflow: Mapping[str, Any], object_info: Mapping[str, Any]) -> di
                 pos += 1
                 if _has_control_widget(name, kind, opts) or opts.get("image_upload"):
                     pos += 1
+            if ntype in EARLIER_LAYOUT and not any(inp.get("name") == "options" and inp.get("link") is not None
+                                                   for inp in node.get("inputs") or []):
+                inputs.update(zip(EARLIER_LAYOUT[ntype], values[pos:]))
         for inp in node.get("inputs") or []:
             src = resolve(inp.get("link"))
             if src is not None:

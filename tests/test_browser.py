@@ -5,13 +5,16 @@ ComfyUI 0.3.75 serves its pinned front end (``comfyui-frontend-package==1.32.9``
 ``scripts/bootstrap_browser.sh`` when missing. What is checked:
 
 1. the page loads without console errors that come from the pack (others are listed, not failed);
-2. double-clicking the canvas opens the node search, and "attend" lists the pack's five nodes;
+2. double-clicking the canvas opens the node search, and "attend" lists the pack's nodes;
 3. each workflow in ``workflows/`` dropped onto the canvas as a file loads with every node known (no
    missing-node dialog) and no two nodes overlapping as the front end lays them out;
 4. the shipped workflow runs from the Run button and its output images appear on the canvas; to keep it
    small on a CPU the test first sets, through the page, the checkpoint to the tiny test model, 4 steps,
    128 x 128 px and at most 2 refinement steps per refinement point;
-5. a subject that is not in the prompt shows ComfyUI's error dialog with the node's message.
+5. a subject that is not in the prompt shows ComfyUI's error dialog with the node's message;
+6. after a run the Text Encode node shows its token table and the Report node its numbers;
+7. a workflow saved before the expert settings moved to the Options node keeps its values: those of the
+   sampler's own widgets, and a changed expert setting on an Options node the pack's extension adds.
 
 Screenshots go to ``$AE_BROWSER_SHOTS`` or a temporary folder; the folder is printed in the test output.
 """
@@ -40,8 +43,10 @@ WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
 # the workflow that runs on the tiny SD1.5 test checkpoint
 RUN_WORKFLOW = REPO_ROOT / "workflows" / "Attend-and-Excite - SD1.5 text to image.json"
 FRONTEND_VERSION = "1.32.9"
-OUR_NODES = ("AttendExciteTextEncode", "AttendExciteSampler", "AttendExciteKSampler", "AttendExciteVisualize",
-             "AttendExciteReport")
+OUR_NODES = ("AttendExciteTextEncode", "AttendExciteSampler", "AttendExciteKSampler", "AttendExciteOptions",
+             "AttendExciteVisualize", "AttendExciteReport")
+# a workflow saved when the expert settings were widgets of the sampler nodes
+EARLIER_WORKFLOW = REPO_ROOT / "tests" / "data" / "workflow_sd15_before_options_node.json"
 # What marks a console entry as the pack's own: its node ids, display names, module or web folder.
 PACK_MARKS = re.compile(r"attend|comfyui_attend_excite", re.IGNORECASE)
 # The front end asks the online node registry where each custom node comes from; offline, its content
@@ -387,3 +392,61 @@ def test_subject_not_in_the_prompt_shows_the_error_dialog(page: Page, shots: Pat
     page.screenshot(shots / "05_error_dialog.png")
     close_dialogs(page)
     assert any("AttendExciteTextEncode" in d and "'horse'" in d and "not in the prompt" in d for d in dialogs), dialogs
+
+
+WIDGET_VALUES = f"""(id => {{
+  const n = {APP}.graph.getNodeById(id);
+  return n && Object.fromEntries((n.widgets || []).filter(w => w.name).map(w => [w.name, w.value]));
+}})"""
+
+
+def test_token_table_and_report_show_on_their_nodes(page: Page, shots: Path):
+    drop_workflow(page, RUN_WORKFLOW)
+    added = page.evaluate(f"""(() => {{
+      const app = {APP}, report = LiteGraph.createNode('AttendExciteReport'), ks = app.graph.getNodeById(11);
+      report.pos = [ks.pos[0] + 380, ks.pos[1] + 430];
+      app.graph.add(report);
+      ks.connect(1, report, 0);
+      return report.id;
+    }})()""")
+    # another prompt text than the other runs of this page, so that the encode node runs again (not cached)
+    set_widgets(page, (*SMALL_RUN, ("AttendExciteTextEncode", "text", "a cat and a frog on grass")))
+    page.evaluate(RECORD_EVENTS)
+    click_run(page)
+    finished = page.wait_for(FINISHED, RUN_TIMEOUT_S, poll=0.5, what="the prompt to finish")
+    assert finished[0] == "execution_success", json.dumps(finished[1])[:3000]
+    encode = next(n["id"] for n in page.evaluate(NODE_RECTS) if n["type"] == "AttendExciteTextEncode")
+    table = page.wait_for(f"{WIDGET_VALUES}({encode})?.ae_text", 10, what="the token table on the node")
+    numbers = page.wait_for(f"{WIDGET_VALUES}({added})?.ae_text", 10, what="the numbers on the Report node")
+    fit_view(page)
+    page.screenshot(shots / "06_token_table_and_report.png")
+    assert table.splitlines() == ["- 1: a", "- 2: cat  ← excited", "- 3: and", "- 4: a", "- 5: frog  ← excited",
+                                  "- 6: on", "- 7: grass"]
+    assert numbers.startswith("Max attention per subject at step ") and "\nimage 1: cat " in numbers
+
+
+def test_workflow_saved_before_the_options_node_keeps_its_settings(page: Page, shots: Path, tmp_path: Path):
+    data = json.loads(EARLIER_WORKFLOW.read_text())
+    next(n for n in data["nodes"] if n["id"] == 6)["widgets_values"][19] = "down_mid"  # attention_blocks
+    path = tmp_path / "earlier_layout.json"
+    path.write_text(json.dumps(data))
+    page.evaluate(f"{APP}.graph.clear(), true")
+    xy = page.wait_for(FIND_EMPTY_CANVAS, 10, what="an empty spot of the canvas")
+    page.drop_files(xy[0], xy[1], [path])
+    options = page.wait_for(f"""(() => {{
+      const g = {APP}.graph, ks = g.getNodeById(6), opts = g.nodes.filter(n => n.type === 'AttendExciteOptions');
+      if (!ks || !opts.length) return null;
+      const slot = ks.inputs.find(i => i.name === 'options'), link = slot && g.links.get(slot.link);
+      return opts.map(o => ({{id: o.id, origin: link?.origin_id}}));
+    }})()""", 30, what="an Options node for the changed expert setting")
+    time.sleep(1.0)
+    fit_view(page)
+    page.screenshot(shots / "07_earlier_workflow.png")
+    assert not page.evaluate(OPEN_DIALOGS)
+    assert len(options) == 1 and options[0]["origin"] == options[0]["id"]  # only node 6 changed a setting
+    values = page.evaluate(f"{WIDGET_VALUES}({options[0]['id']})")
+    assert values["attention_blocks"] == "down_mid" and values["max_refinement_steps"] == 20
+    plain, guided = page.evaluate(f"{WIDGET_VALUES}(5)"), page.evaluate(f"{WIDGET_VALUES}(6)")
+    assert (plain["scale_factor"], guided["scale_factor"]) == (0.0, 20.0)
+    assert guided["refinement"] == "0:0.05, 0.2:0.5, 0.4:0.8" and guided["seed"] == 42 and guided["steps"] == 50
+    assert "cuda_graph" not in guided

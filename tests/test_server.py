@@ -14,8 +14,8 @@ from run_demo import build_prompt
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
 WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "Attend-and-Excite - SD1.5 text to image.json"
-OUR_NODES = ("AttendExciteTextEncode", "AttendExciteSampler", "AttendExciteKSampler", "AttendExciteVisualize",
-             "AttendExciteReport")
+OUR_NODES = ("AttendExciteTextEncode", "AttendExciteSampler", "AttendExciteKSampler", "AttendExciteOptions",
+             "AttendExciteVisualize", "AttendExciteReport")
 CKPT = "ae_tiny_sd15.safetensors"
 
 
@@ -51,12 +51,16 @@ def test_nodes_are_registered_with_tooltips(comfy_server):
         assert info[node_id]["description"]
     ks = info["AttendExciteKSampler"]["input"]["required"]
     for name in ("model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative",
-                 "latent_image", "denoise", "scale_factor", "refinement", "attention_resolution"):
+                 "latent_image", "denoise", "scale_factor", "refinement"):
         assert name in ks, name
+    assert info["AttendExciteKSampler"]["input"]["optional"]["options"][0] == "ATTEND_EXCITE_OPTIONS"
+    assert "attention_resolution" in info["AttendExciteOptions"]["input"]["required"]
     assert ks["scale_factor"][1]["default"] == 20.0 and ks["guided_fraction"][1]["default"] == 0.5
-    assert all("tooltip" in spec[1] for key, spec in ks.items() if key not in ("model", "negative", "latent_image",
-                                                                               "denoise", "sampler_name",
-                                                                               "scheduler"))
+    for node_id in OUR_NODES:
+        inputs = info[node_id]["input"]
+        for key, spec in {**inputs["required"], **inputs.get("optional", {})}.items():
+            assert spec[1].get("tooltip"), f"{node_id}.{key}"
+        assert all(info[node_id]["output_tooltips"]), node_id
 
 
 def test_shipped_workflow_runs_and_repeats_bit_identically(comfy_server):
