@@ -5,7 +5,7 @@
     python scripts/run_demo.py --thumbnails          # every workflow, and its template thumbnail
 
 Starts ComfyUI headless on a free local port with this pack loaded, converts
-``workflows/Attend-and-Excite - SD1.5 text to image.json`` (UI format) to an API prompt with the server's own node
+``workflows/A&E text to image (SD1.5).json`` (UI format) to an API prompt with the server's own node
 definitions, runs it, and writes the plain and A&E images and their attention-map panels to the output folder it
 prints.
 
@@ -37,7 +37,7 @@ from tiny_checkpoint import ensure_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW_DIR = REPO / "workflows"
-WORKFLOW = WORKFLOW_DIR / "Attend-and-Excite - SD1.5 text to image.json"
+WORKFLOW = WORKFLOW_DIR / "A&E text to image (SD1.5).json"
 THUMBNAIL_PX = 512
 log = logging.getLogger("attend_excite.demo")
 

@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.host, pytest.mark.slow, pytest.mark.browser]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
 # the workflow that runs on the tiny SD1.5 test checkpoint
-RUN_WORKFLOW = REPO_ROOT / "workflows" / "Attend-and-Excite - SD1.5 text to image.json"
+RUN_WORKFLOW = REPO_ROOT / "workflows" / "A&E text to image (SD1.5).json"
 FRONTEND_VERSION = "1.32.9"
 OUR_NODES = ("AttendExciteTextEncode", "AttendExciteSampler", "AttendExciteKSampler", "AttendExciteOptions",
              "AttendExciteVisualize", "AttendExciteReport")

@@ -13,7 +13,7 @@ from run_demo import build_prompt
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
-WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "Attend-and-Excite - SD1.5 text to image.json"
+WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "A&E text to image (SD1.5).json"
 OUR_NODES = ("AttendExciteTextEncode", "AttendExciteSampler", "AttendExciteKSampler", "AttendExciteOptions",
              "AttendExciteVisualize", "AttendExciteReport")
 CKPT = "ae_tiny_sd15.safetensors"

@@ -29,7 +29,7 @@ USER_FILES = {"ckpt_name", "lora_name", "control_net_name", "image"}
 
 
 def ids(paths: list[Path]) -> list[str]:
-    return [p.stem.removeprefix("Attend-and-Excite - ").replace(" ", "_") for p in paths]
+    return [p.stem.removeprefix("A&E ").replace(" ", "_") for p in paths]
 
 
 @pytest.fixture(scope="module")
