@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test test-fast lint bench-cpu cost-model clean
+.PHONY: setup demo test test-fast lint validate bench-cpu cost-model clean
 
 setup:
 	./scripts/bootstrap.sh
@@ -33,6 +33,16 @@ test-browser: setup ; $(PY) -m pytest -m browser $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check .
+
+# Registry metadata: `comfy node validate` (comfy-cli from PyPI, in its own virtual environment under .cache/, apart
+# from ComfyUI's packages) checks pyproject.toml and runs its security lint; its security warnings fail here too.
+COMFY_CLI_VERSION := 1.23.0
+COMFY_CLI_VENV := .cache/comfy-cli
+validate:
+	@[ -x $(COMFY_CLI_VENV)/bin/comfy ] || { $${PYTHON:-python3.11} -m venv $(COMFY_CLI_VENV) && \
+	  $(COMFY_CLI_VENV)/bin/pip install -q comfy-cli==$(COMFY_CLI_VERSION); }
+	@out=$$($(COMFY_CLI_VENV)/bin/comfy --skip-prompt --no-enable-telemetry node validate 2>&1); rc=$$?; \
+	  echo "$$out"; [ $$rc -eq 0 ] && ! echo "$$out" | grep -qi "security warnings\|error"
 
 bench-cpu: setup
 	$(PY) benchmarks/bench.py --device cpu $(ARGS)
