@@ -795,7 +795,7 @@ class Bench:
                 "attention_blocks": args.blocks, "cuda_graph": args.cuda_graph, "record_maps": args.record_maps,
                 "gc": args.gc}
         sampling = self.pack.sampling
-        target = sampling.target_resolution((side, side), 0, "bench")
+        target = sampling.target_resolution((side, side), 0)
         ms = model.get_model_object("model_sampling")
         sigmas = comfy.samplers.calculate_sigmas(ms, "normal", args.steps).cpu()
         warm_steps = args.warmup_steps or args.steps

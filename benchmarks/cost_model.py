@@ -100,7 +100,7 @@ class Model:
         self.param_storages = {p.untyped_storage()._cdata for p in self.unet.parameters()}
         self.weights_gib = sum(p.numel() * p.element_size() for p in self.unet.parameters()) / GIB
         self.latent = size // 8
-        self.target_hw = pack.sampling.target_resolution((self.latent, self.latent), resolution, "cost_model")
+        self.target_hw = pack.sampling.target_resolution((self.latent, self.latent), resolution)
         self.keys = pack.capture.attn2_keys(self.unet)
 
     def inputs(self, batch: int):

@@ -82,7 +82,7 @@ class Subject:
         self.unet = self.patcher.model.diffusion_model
         self.attention = comfy_attention.optimized_attention
         side = size // 8
-        self.target_hw = pack.sampling.target_resolution((side, side), 0, "pass_timing")
+        self.target_hw = pack.sampling.target_resolution((side, side), 0)
         gen = torch.Generator().manual_seed(1)
         cfg = bench.unet_config(arch, variant)
 

@@ -43,7 +43,7 @@ def _level(side: int, ds: int) -> int:
     return side
 
 
-def target_resolution(latent_hw: tuple[int, int], attention_resolution: int, node: str) -> tuple[int, int]:
+def target_resolution(latent_hw: tuple[int, int], attention_resolution: int) -> tuple[int, int]:
     """Map side of the attention level to read: ``auto`` (0) = latent / 4, else the level whose longer side is
     ``attention_resolution``."""
     h, w = latent_hw
@@ -53,7 +53,7 @@ def target_resolution(latent_hw: tuple[int, int], attention_resolution: int, nod
     for hw in levels:
         if max(hw) == attention_resolution:
             return hw
-    raise ValueError(f"{node}: attention_resolution {attention_resolution} does not exist for a {h}x{w} latent; "
+    raise ValueError(f"attention_resolution {attention_resolution} does not exist for a {h}x{w} latent; "
                      f"levels are {sorted({max(x) for x in levels}, reverse=True)}. Use one of them or 0 (auto).")
 
 
@@ -66,7 +66,7 @@ def select_blocks(keys: list[LayerKey], attention_blocks: str) -> list[LayerKey]
 
 
 def level_keys(diffusion_model: torch.nn.Module, latent_hw: tuple[int, int], target_hw: tuple[int, int],
-               attention_blocks: str, node: str) -> list[LayerKey]:
+               attention_blocks: str) -> list[LayerKey]:
     """The cross-attention layers of the level whose maps are ``target_hw`` in an ordinary forward of a
     ``latent_hw`` latent, by the UNet's structure: nodes that resize the hidden state (Deep Shrink) change the size
     those layers see, not which layers they are (their maps are resized to ``target_hw``)."""
@@ -75,7 +75,7 @@ def level_keys(diffusion_model: torch.nn.Module, latent_hw: tuple[int, int], tar
     keys = select_blocks([k for k, v in levels.items() if side[v] == tuple(target_hw)], attention_blocks)
     if not keys:
         sides = sorted({max(hw) for hw in side.values()}, reverse=True)
-        raise ValueError(f"{node}: no cross-attention layer works at {target_hw[0]}x{target_hw[1]}"
+        raise ValueError(f"no cross-attention layer works at {target_hw[0]}x{target_hw[1]}"
                          f"{'' if attention_blocks == 'all' else ' in ' + attention_blocks}; this model has them at "
                          f"{sides}. Set attention_resolution to one of those sides.")
     return keys
@@ -155,7 +155,7 @@ class GradientPasses:
         self.target_hw = target_hw
         self.model_options = model_options
         self.graph_backend = graph_backend if graph_backend is not None else CudaGraphBackend()
-        self.keys = level_keys(self.base.diffusion_model, latent_hw, target_hw, params.attention_blocks, params.node)
+        self.keys = level_keys(self.base.diffusion_model, latent_hw, target_hw, params.attention_blocks)
         self.target_keys: list[LayerKey] | None = None  # set by the first pass
         self.weights: AutogradWeights | None = None  # made by the first pass (plain runs copy nothing)
         self.graphed: GraphedPass | None = None
@@ -201,7 +201,7 @@ class GradientPasses:
                 pass
             if not capture.maps:
                 seen = sorted({f"{h}x{w}" for h, w in capture.seen.values()})
-                raise ValueError(f"{p.node}: no cross-attention layer works at {self.target_hw[0]}x"
+                raise ValueError(f"no cross-attention layer works at {self.target_hw[0]}x"
                                  f"{self.target_hw[1]}; this model has {seen}. Set attention_resolution to one "
                                  f"of those sides.")
             return attend_excite_objective(capture.aggregate(), s.indices, s.slots, smoothing=p.smoothing,

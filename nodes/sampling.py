@@ -82,8 +82,8 @@ class RunSubjects:
 def run_subjects(guider, params: AEParams) -> RunSubjects:
     positive = [c for c in guider.conds.get("positive", []) if COND_KEY in c]
     if not positive:
-        raise ValueError(f"{params.node}: the positive conditioning carries no subject tokens. Encode the prompt "
-                         f"with AttendExciteTextEncode and connect it as positive.")
+        raise ValueError("positive: the conditioning carries no subject tokens. Encode the prompt with "
+                         "AttendExciteTextEncode and connect it as positive.")
     if len(positive) > 1:
         log.warning("%s: %d positive conds carry subjects; the first one drives the guidance", params.node,
                     len(positive))
@@ -165,7 +165,7 @@ def sample_attend_excite(model, x, sigmas, extra_args=None, callback=None, disab
     sched = params.schedule(len(sigmas) - 1)
     base = model.inner_model.inner_model
     subjects = run_subjects(model.inner_model, params)
-    target_hw = target_resolution(tuple(x.shape[-2:]), params.attention_resolution, params.node)
+    target_hw = target_resolution(tuple(x.shape[-2:]), params.attention_resolution)
     passes = GradientPasses(base, subjects, params, target_hw, extra_args.get("model_options", {}), ae_graph_backend,
                             latent_hw=tuple(x.shape[-2:]))
     if record is not None:
@@ -183,7 +183,7 @@ def sample_attend_excite(model, x, sigmas, extra_args=None, callback=None, disab
         try:
             starts = step_starts(sampler, model, x, sigmas, extra_args, sched.guided_steps, name)
         except SamplerNotGuidable as e:
-            raise ValueError(f"{params.node}: {e}. Choose another sampler (e.g. dpmpp_2m, euler_ancestral) or "
+            raise ValueError(f"{e}. Choose another sampler (e.g. dpmpp_2m, euler_ancestral) or "
                              f"set scale_factor to 0.") from None
         sigma_data = float(getattr(base.model_sampling, "sigma_data", 1.0))
 
