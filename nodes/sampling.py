@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 import comfy.samplers
+import comfy.utils
 import torch
 
 from ..attention.loss import below_threshold, slot_mask
@@ -94,6 +95,19 @@ def run_subjects(guider, params: AEParams) -> RunSubjects:
     return RunSubjects(positive[0], spec, slot_mask(spec.num_keys, mode, spec.prompt_positions))
 
 
+class PassProgress:
+    """Moves the node's progress bar during a guided step's gradient passes (refinement can take minutes on small
+    GPUs): within step ``i`` of ``n`` the bar goes from ``i/n`` towards ``(i+1)/n`` in ``max_refinement_steps + 2``
+    parts (the most passes a step takes); the sampler's own step reports then continue it as for plain sampling."""
+
+    def __init__(self, num_steps: int, max_refinement_steps: int) -> None:
+        self.parts = max_refinement_steps + 2
+        self.bar = comfy.utils.ProgressBar(num_steps * self.parts)
+
+    def __call__(self, step: int, passes: int) -> None:
+        self.bar.update_absolute(step * self.parts + min(passes, self.parts - 1))
+
+
 # ---- the paper's steps (Algorithm 1), at one guided step ----
 
 @dataclass
@@ -107,6 +121,7 @@ class GuidedStep:
     sigma: torch.Tensor  # 0-dim
     sigma_data: float
     index: int
+    progress: PassProgress
     count: int = 0  # gradient passes taken
 
     def gradient_pass(self, x: torch.Tensor):
@@ -115,6 +130,7 @@ class GuidedStep:
         self.count += 1
         if self.record is not None:
             self.record.add_loss(self.index, out[0])
+        self.progress(self.index, self.count)
         return out
 
     def update(self, x: torch.Tensor, grad: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
@@ -186,9 +202,11 @@ def sample_attend_excite(model, x, sigmas, extra_args=None, callback=None, disab
             raise ValueError(f"{e}. Choose another sampler (e.g. dpmpp_2m, euler_ancestral) or "
                              f"set scale_factor to 0.") from None
         sigma_data = float(getattr(base.model_sampling, "sigma_data", 1.0))
+        progress = PassProgress(sched.num_steps, params.max_refinement_steps)
 
         def edit(i: int, latent: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            step = GuidedStep(passes, params, record, sched.step_sizes[i], sigma.reshape(-1)[0], sigma_data, i)
+            step = GuidedStep(passes, params, record, sched.step_sizes[i], sigma.reshape(-1)[0], sigma_data, i,
+                              progress)
             out = attend_and_excite(step, latent, sched.refinement.get(i))
             stats["passes"] += step.count
             if i == sched.guided_steps - 1:
