@@ -450,3 +450,43 @@ def test_workflow_saved_before_the_options_node_keeps_its_settings(page: Page, s
     assert (plain["scale_factor"], guided["scale_factor"]) == (0.0, 20.0)
     assert guided["refinement"] == "0:0.05, 0.2:0.5, 0.4:0.8" and guided["seed"] == 42 and guided["steps"] == 50
     assert "cuda_graph" not in guided
+
+
+# A template card of the templates browser: its thumbnail and the text of the card around it.
+TEMPLATE_CARDS = """[...document.querySelectorAll('.p-dialog img')].map(i => {
+  let c = i;
+  for (let k = 0; k < 8 && c && !(c.innerText || '').trim(); k++) c = c.parentElement;
+  return {complete: i.complete, size: [i.naturalWidth, i.naturalHeight], text: c ? c.innerText.trim() : ''};
+})"""
+
+
+def test_templates_browser_shows_each_workflow_with_its_thumbnail(page: Page, shots: Path):
+    """Workflow > Browse Templates lists every workflow of ``workflows/`` by its file name with its ``.jpg``
+    thumbnail (the front end fetches ``/api/workflow_templates/<pack>/<name>.jpg``); a card opens its workflow."""
+    page.evaluate(f"{APP}.graph.clear(), true")
+    page.evaluate(f"(async () => {{ await {APP}.extensionManager.command.execute('Comfy.BrowseTemplates'); "
+                  "return true; })()")
+    titles = [w.stem for w in WORKFLOWS]
+    cards = page.wait_for(f"""(() => {{
+      const cards = {TEMPLATE_CARDS}.filter(c => {json.dumps(titles)}.some(t => c.text.startsWith(t)));
+      return cards.length === {len(titles)} && cards.every(c => c.complete && c.size[0]) && cards;
+    }})()""", 30, what="a card with a loaded thumbnail for every workflow")
+    page.screenshot(shots / "06_templates.png")
+    assert sorted(c["text"].splitlines()[0] for c in cards) == sorted(titles)
+    assert all(c["size"] == [512, 512] for c in cards)
+    sdxl = next(w for w in WORKFLOWS if "SDXL" in w.stem)
+    xy = page.evaluate(f"""(() => {{
+      const i = [...document.querySelectorAll('.p-dialog img')].find(i => {{
+        let c = i;
+        for (let k = 0; k < 8 && c && !(c.innerText || '').trim(); k++) c = c.parentElement;
+        return c && c.innerText.trim().startsWith({json.dumps(sdxl.stem)});
+      }});
+      const r = i.getBoundingClientRect();
+      return [r.x + r.width / 2, r.y + r.height / 2];
+    }})()""")
+    page.click(*xy)
+    wanted = len(json.loads(sdxl.read_text())["nodes"])
+    nodes = page.wait_for(f"{APP}.graph.nodes.length === {wanted} && {NODE_RECTS}", 30, what="the SDXL template")
+    time.sleep(1.0)
+    assert not page.evaluate(OPEN_DIALOGS)
+    assert [n for n in nodes if not n["known"] or n["errors"]] == []
