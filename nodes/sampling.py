@@ -18,7 +18,7 @@ import torch
 from ..attention.loss import below_threshold, slot_mask
 from ..attention.record import AttentionRecord
 from ..attention.schedule import DEFAULT_REFINEMENT, GuidanceSchedule, build_schedule, parse_refinement
-from ..attention.step import x_space_step
+from ..attention.step import guarded_step
 from ..attention.tokens import SubjectTokens
 from .gradient_pass import GradientPasses, target_resolution
 from .sampler_steps import GuidedModel, SamplerNotGuidable, step_starts
@@ -123,6 +123,7 @@ class GuidedStep:
     index: int
     progress: PassProgress
     count: int = 0  # gradient passes taken
+    skipped: torch.Tensor | bool = False  # (B,) bool once updated: samples whose update was skipped as not finite
 
     def gradient_pass(self, x: torch.Tensor):
         """Loss ``(B,)``, per-subject maxima ``(B, S)`` and ``dL/dx`` at ``x``."""
@@ -134,8 +135,11 @@ class GuidedStep:
         return out
 
     def update(self, x: torch.Tensor, grad: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        """``z <- z - alpha grad_z L`` in ComfyUI's x-space, for the samples in ``moving`` ``(B,)``."""
-        return x_space_step(x, grad, self.alpha * moving.float(), self.sigma, self.sigma_data)
+        """``z <- z - alpha grad_z L`` in ComfyUI's x-space, for the samples in ``moving`` ``(B,)`` whose step is
+        finite (the others keep ``x`` and are marked in ``skipped``)."""
+        x, skipped = guarded_step(x, grad, self.alpha * moving.float(), self.sigma, self.sigma_data)
+        self.skipped = skipped | self.skipped
+        return x
 
 
 def refine(step: GuidedStep, x: torch.Tensor, loss, maxima, grad, threshold: float):
@@ -146,7 +150,7 @@ def refine(step: GuidedStep, x: torch.Tensor, loss, maxima, grad, threshold: flo
     while bool(running.any()):
         taken += 1
         x = step.update(x, grad, running & (loss != 0))
-        running = running & below_threshold(maxima, threshold)
+        running = running & below_threshold(maxima, threshold) & ~step.skipped  # a skipped sample stops
         if taken >= step.params.max_refinement_steps or not bool(running.any()):
             break
         new = step.gradient_pass(x)
@@ -163,7 +167,10 @@ def attend_and_excite(step: GuidedStep, x: torch.Tensor, threshold: float | None
         x, (loss, maxima, grad) = refine(step, x, loss, maxima, grad, threshold)
     if log.isEnabledFor(logging.DEBUG):  # loss.tolist() syncs: only when it is logged
         log.debug("%s: step %d loss %s", step.params.node, step.index, loss.tolist())
-    return step.update(x, grad, loss != 0)
+    x = step.update(x, grad, loss != 0)
+    if step.record is not None:
+        step.record.add_skipped(step.index, step.skipped)
+    return x
 
 
 # ---- the sampler function ----
@@ -175,57 +182,93 @@ def sample_attend_excite(model, x, sigmas, extra_args=None, callback=None, disab
     """Attend-and-Excite (Chefer et al. 2023) inside one run of ``ae_sampler`` (a ``KSAMPLER``; default: the one
     named by ``ae_params.sampler_name``). ``ae_graph_backend``: what captures and replays CUDA graphs (default
     :class:`~attention.guidance.CudaGraphBackend`; tests pass a stand-in that replays on a CPU)."""
-    extra_args = {} if extra_args is None else dict(extra_args)
     params, record = ae_params, ae_record
     sampler = ae_sampler if ae_sampler is not None else comfy.samplers.sampler_object(params.sampler_name)
+    extra_args = {} if extra_args is None else dict(extra_args)
     sched = params.schedule(len(sigmas) - 1)
-    base = model.inner_model.inner_model
-    subjects = run_subjects(model.inner_model, params)
-    target_hw = target_resolution(tuple(x.shape[-2:]), params.attention_resolution)
-    passes = GradientPasses(base, subjects, params, target_hw, extra_args.get("model_options", {}), ae_graph_backend,
-                            latent_hw=tuple(x.shape[-2:]))
-    if record is not None:
-        record.reset(subjects=subjects.indices, labels=subjects.spec.labels, slots=subjects.slots,
-                     smoothing=params.smoothing, kernel_size=params.kernel_size,
-                     smoothing_sigma=params.smoothing_sigma, num_steps=sched.num_steps,
-                     guided_steps=sched.guided_steps)
-    if params.record_maps and record is not None:
-        extra_args["model_options"] = passes.recording_options(passes.map_recorder(record, sigmas.tolist()))
+    passes = start_run(model, x, sigmas, extra_args, params, record, sched, ae_graph_backend)
     x = x.clone()  # the sampler's latent is edited in place: never the caller's tensor
-    guided = model
-    stats = {"passes": 0}
-    if sched.guided_steps:
-        name = params.sampler_name if ae_sampler is None else _label(sampler)
-        try:
-            starts = step_starts(sampler, model, x, sigmas, extra_args, sched.guided_steps, name)
-        except SamplerNotGuidable as e:
-            raise ValueError(f"{e}. Choose another sampler (e.g. dpmpp_2m, euler_ancestral) or "
-                             f"set scale_factor to 0.") from None
-        sigma_data = float(getattr(base.model_sampling, "sigma_data", 1.0))
-        progress = PassProgress(sched.num_steps, params.max_refinement_steps)
-
-        def edit(i: int, latent: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            step = GuidedStep(passes, params, record, sched.step_sizes[i], sigma.reshape(-1)[0], sigma_data, i,
-                              progress)
-            out = attend_and_excite(step, latent, sched.refinement.get(i))
-            stats["passes"] += step.count
-            if i == sched.guided_steps - 1:
-                passes.close()  # the graph's memory and weight stand-ins go before the unguided steps
-            return out
-
-        guided = GuidedModel(model, starts, edit, name)
+    run = GuidedRun(passes, params, record, sched)
+    guided = run.guide(model, sampler, x, sigmas, extra_args, ae_sampler is None) if sched.guided_steps else model
     try:
         x = sampler.sampler_function(guided, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                                      **sampler.extra_options)
     finally:  # also on error or interrupt
         passes.close()
-    if sched.guided_steps:
-        log.info("%s: %d guided steps, %d gradient passes%s", params.node, sched.guided_steps, stats["passes"],
-                 " (CUDA graph)" if passes.graph_used else "",
-                 extra={"ae_passes": stats["passes"], "ae_graphed": passes.graph_used})
-    if record is not None:
-        record.finish()
+    run.finish()
     return x
+
+
+def start_run(model, x, sigmas, extra_args: dict, params: AEParams, record: AttentionRecord | None,
+              sched: GuidanceSchedule, graph_backend) -> GradientPasses:
+    """The run's gradient passes; resets ``record`` and, when maps are recorded, puts the recorder's patches into
+    ``extra_args``' model options (a copy)."""
+    subjects = run_subjects(model.inner_model, params)
+    latent_hw = tuple(x.shape[-2:])
+    passes = GradientPasses(model.inner_model.inner_model, subjects, params,
+                            target_resolution(latent_hw, params.attention_resolution),
+                            extra_args.get("model_options", {}), graph_backend, latent_hw=latent_hw)
+    if record is not None:
+        record.reset(subjects=subjects.indices, labels=subjects.spec.labels, slots=subjects.slots,
+                     smoothing=params.smoothing, kernel_size=params.kernel_size,
+                     smoothing_sigma=params.smoothing_sigma, num_steps=sched.num_steps,
+                     guided_steps=sched.guided_steps)
+        if params.record_maps:
+            extra_args["model_options"] = passes.recording_options(passes.map_recorder(record, sigmas.tolist()))
+    return passes
+
+
+@dataclass
+class GuidedRun:
+    """The guided steps of one run: which model calls begin them, and the update at each."""
+
+    passes: GradientPasses
+    params: AEParams
+    record: AttentionRecord | None
+    sched: GuidanceSchedule
+    count: int = 0  # gradient passes taken
+
+    def guide(self, model, sampler, x, sigmas, extra_args: dict, by_name: bool) -> GuidedModel:
+        """``model`` with the A&E update at the first evaluation of each guided step of ``sampler``."""
+        name = self.params.sampler_name if by_name else _label(sampler)
+        try:
+            starts = step_starts(sampler, model, x, sigmas, extra_args, self.sched.guided_steps, name)
+        except SamplerNotGuidable as e:
+            raise ValueError(f"{e}. Choose another sampler (e.g. dpmpp_2m, euler_ancestral) or set scale_factor "
+                             f"to 0.") from None
+        sigma_data = float(getattr(model.inner_model.inner_model.model_sampling, "sigma_data", 1.0))
+        progress = PassProgress(self.sched.num_steps, self.params.max_refinement_steps)
+
+        def edit(i: int, latent: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            step = GuidedStep(self.passes, self.params, self.record, self.sched.step_sizes[i], sigma.reshape(-1)[0],
+                              sigma_data, i, progress)
+            out = attend_and_excite(step, latent, self.sched.refinement.get(i))
+            self.count += step.count
+            if i == self.sched.guided_steps - 1:
+                self.passes.close()  # the graph's memory and weight stand-ins go before the unguided steps
+            return out
+
+        return GuidedModel(model, starts, edit, name)
+
+    def finish(self) -> None:
+        if self.sched.guided_steps:
+            graphed = self.passes.graph_used
+            log.info("%s: %d guided steps, %d gradient passes%s", self.params.node, self.sched.guided_steps,
+                     self.count, " (CUDA graph)" if graphed else "", extra={"ae_passes": self.count,
+                                                                            "ae_graphed": graphed})
+        if self.record is not None:
+            self.record.finish()
+
+
+def _warn_skipped(node: str, skipped) -> None:
+    """One warning per run for the images whose A&E update was skipped at some guided step as not finite."""
+    counts = skipped.tolist() if isinstance(skipped, torch.Tensor) else []
+    for b, n in enumerate(counts):
+        if n:
+            log.warning("%s: image %d: the A&E update of %d guided step(s) was not finite (NaN/inf: fp16 overflow "
+                        "with a large scale_factor, or a degenerate attention map) and was skipped; that image "
+                        "kept the unguided latent there. Lower scale_factor if this recurs.", node, b + 1, n,
+                        extra={"ae_skipped": counts})
 
 
 def _label(sampler) -> str:
