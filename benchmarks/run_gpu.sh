@@ -8,7 +8,7 @@
 #
 #   [BENCH_COMMIT=<sha>] bash benchmarks/run_gpu.sh [all|headline|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs]
 #
-# "headline": sdxl batch 1, then sd15 batch 1 (+ diffusers): every target of the performance issue (~4-5 min).
+# "headline": sdxl batch 1, then sd15 batch 1 (+ diffusers): the speed and memory targets of docs/performance.md (~4-5 min).
 # Order under "all", each part only while the budget allows: sd15 batch 1 (+ diffusers), sdxl batch 1 (50 steps
 # each); "passes": benchmarks/pass_timing.py (one gradient pass vs one plain step on the real SD1.5 and SDXL UNets,
 # cuDNN benchmark mode off and on, with per-pass operator profiles; about 1-2 minutes); "graphs": pass_timing.py

@@ -29,7 +29,7 @@ _SCRIPTS = str(Path(__file__).resolve().parent)
 if _SCRIPTS not in sys.path:
     sys.path.insert(0, _SCRIPTS)
 from comfy_inprocess import comfy_root, repo_root, setup
-from tiny_checkpoint import LAYOUTS
+from tiny_checkpoint import LAYOUTS, seeded_init
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +77,9 @@ def controlnet_state_dict(seed: int = 11) -> dict:
         num_head_channels=-1, use_linear_in_transformer=False, adm_in_channels=None, use_spatial_transformer=True,
         legacy=False, transformer_depth_middle=1, dtype=torch.float32, device="cpu",
         operations=comfy.ops.disable_weight_init, **layout)
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    with torch.no_grad():
-        for name, t in net.state_dict().items():
-            t = t.detach().clone()
-            if name.endswith("bias"):
-                t.zero_()
-            elif t.ndim <= 1:
-                t.fill_(1.0)
-            else:
-                gain = 0.25 if name.startswith(("zero_convs.", "middle_block_out.")) else 1.0
-                t.normal_(0.0, gain / math.sqrt(math.prod(t.shape[1:])), generator=gen)
-            out[name] = t.to(torch.float16).contiguous()
-    return out
+    init = seeded_init(net.state_dict(), seed,
+                       lambda name: 0.25 if name.startswith(("zero_convs.", "middle_block_out.")) else 1.0)
+    return {name: t.to(torch.float16).contiguous() for name, t in init.items()}
 
 
 def input_images(size: int = 256) -> dict:

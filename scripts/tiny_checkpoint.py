@@ -26,6 +26,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,26 @@ def ensure_checkpoint(path: str | os.PathLike[str] | None = None, layout: str = 
     if not path.is_file():
         write_checkpoint(path, layout)
     return path
+
+
+def seeded_init(tensors: Mapping[str, Any], seed: int,
+                gain: Callable[[str], float] = lambda name: 1.0) -> dict[str, Any]:
+    """Deterministic init: biases 0, 1-D weights 1, others ``N(0, gain(name) / sqrt(fan_in))``."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    with torch.no_grad():
+        for name, t in tensors.items():
+            t = t.detach().clone()
+            if name.endswith("bias"):
+                t.zero_()
+            elif t.ndim <= 1:
+                t.fill_(1.0)
+            else:
+                t.normal_(0.0, gain(name) / math.sqrt(math.prod(t.shape[1:])), generator=gen)
+            out[name] = t
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

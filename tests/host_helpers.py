@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+from tiny_checkpoint import seeded_init  # noqa: F401  (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -91,21 +90,3 @@ def no_leftovers(roots) -> bool:
     mods = comfy_op_modules(roots)
     return bool(mods) and all(not m.weight_function and not m.bias_function and "forward" not in m.__dict__
                               for m in mods)
-
-
-def seeded_init(tensors: Mapping[str, torch.Tensor], seed: int,
-                gain: Callable[[str], float] = lambda name: 1.0) -> dict[str, torch.Tensor]:
-    """Deterministic init: biases 0, 1-D weights 1, others ``N(0, gain(name) / sqrt(fan_in))``."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    with torch.no_grad():
-        for name, t in tensors.items():
-            t = t.detach().clone()
-            if name.endswith("bias"):
-                t.zero_()
-            elif t.ndim <= 1:
-                t.fill_(1.0)
-            else:
-                t.normal_(0.0, gain(name) / math.sqrt(math.prod(t.shape[1:])), generator=gen)
-            out[name] = t
-    return out
