@@ -23,7 +23,8 @@ class AttentionRecord:
     the host as one tensor, into one host buffer made for the whole run (``num_steps`` slots): one copy per step
     instead of one per layer (SDXL reads 60) and one pinned allocation per run. Losses stay on the device until the
     run ends and go as one tensor: a pinned allocation per gradient pass (85 at the refinement cap) costs more than
-    the pass's loss is worth.
+    the pass's loss is worth. ``skipped_steps[b]`` lists the guided steps at which sample ``b``'s A&E update was
+    skipped because it was not finite (it kept the unguided latent there); its masks travel with the losses.
     """
 
     subjects: tuple[int, ...] = ()
@@ -41,6 +42,8 @@ class AttentionRecord:
     _pending_step: int | None = field(default=None, repr=False, compare=False)
     _pending_losses: list[tuple[int, torch.Tensor]] = field(default_factory=list, repr=False, compare=False)
     _buffer: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _pending_skips: list[tuple[int, torch.Tensor]] = field(default_factory=list, repr=False, compare=False)
+    _skipped: list[list[int]] = field(default_factory=list, repr=False)
 
     @property
     def maps(self) -> dict[int, dict[str, torch.Tensor]]:
@@ -53,9 +56,17 @@ class AttentionRecord:
         self.finish()
         return self._losses
 
+    @property
+    def skipped_steps(self) -> list[list[int]]:
+        """Per sample, the guided steps whose A&E update was skipped as not finite (empty lists: none; an empty list
+        of samples: no guided step was recorded)."""
+        self.finish()
+        return self._skipped
+
     def reset(self, **meta) -> None:
         self._maps, self._losses = {}, {}
         self._pending, self._pending_step, self._pending_losses = {}, None, []
+        self._pending_skips, self._skipped = [], []
         self._buffer = None  # a new run gets a new buffer: maps handed out earlier stay valid
         for k, v in meta.items():
             if not hasattr(self, k):
@@ -109,6 +120,11 @@ class AttentionRecord:
     def add_loss(self, step: int, loss: torch.Tensor) -> None:
         self._pending_losses.append((step, loss.detach().float()))
 
+    def add_skipped(self, step: int, skipped: torch.Tensor) -> None:
+        """``skipped`` ``(B,)`` bool: the samples whose update at guided ``step`` was skipped (kept on the device
+        until the run ends, like the losses)."""
+        self._pending_skips.append((step, skipped.detach().reshape(-1)))
+
     def finish(self) -> None:
         """Send the last step's maps and the run's losses, and wait for the copies still in flight (the sampler
         calls this when its run ends)."""
@@ -118,9 +134,19 @@ class AttentionRecord:
             self._pending_losses = []
             for step, v in zip(steps, self._send(list(losses))):
                 self._losses.setdefault(step, []).append(v)
+        skips = self._pending_skips
+        if skips:
+            self._pending_skips = []
+            masks = self._send([m for _, m in skips])
         if self._in_flight is not None:
             torch.cuda.synchronize(self._in_flight)
             self._in_flight = None
+        if skips:  # read on the host only once the copies have landed
+            for (step, _), mask in zip(skips, masks):
+                if not self._skipped:
+                    self._skipped = [[] for _ in range(mask.numel())]
+                for b in mask.nonzero().flatten().tolist():
+                    self._skipped[b].append(step)
 
     @property
     def steps(self) -> list[int]:

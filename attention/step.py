@@ -1,4 +1,4 @@
-"""The Attend-and-Excite latent update expressed in ComfyUI's x-space."""
+"""The Attend-and-Excite latent update expressed in ComfyUI's x-space, and its guard against non-finite steps."""
 
 from __future__ import annotations
 
@@ -23,3 +23,22 @@ def x_space_step(x: torch.Tensor, grad_x: torch.Tensor, alpha: torch.Tensor | fl
     scale = alpha * (sigma**2 + sigma_data**2)
     scale = scale.reshape(-1, *([1] * (x.ndim - 1))) if scale.ndim else scale
     return (x.float() - scale * grad_x.float()).to(x.dtype)
+
+
+def finite_samples(t: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` bool: whether every value of each sample (the first dimension) of ``t`` is finite."""
+    return torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+
+
+def guarded_step(x: torch.Tensor, grad_x: torch.Tensor, alpha: torch.Tensor | float, sigma: torch.Tensor,
+                 sigma_data: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`x_space_step` for the samples whose step is finite; a sample whose gradient or stepped latent is not
+    (NaN or inf: fp16 overflow with a large step size, a degenerate attention map) keeps ``x`` unchanged.
+
+    Returns ``(x_new, skipped)``: ``skipped`` ``(B,)`` bool marks the samples that were to move (``alpha != 0``)
+    but kept ``x``. A sample with ``alpha = 0`` keeps ``x`` and is never counted, whatever its gradient holds
+    (``0 * inf`` would be NaN). Nothing here reads a value on the host."""
+    new = x_space_step(x, grad_x, alpha, sigma, sigma_data)
+    ok = finite_samples(new)
+    moving = torch.as_tensor(alpha, device=x.device).reshape(-1).expand(x.shape[0]) != 0
+    return torch.where(ok.reshape(-1, *[1] * (x.ndim - 1)), new, x), moving & ~ok

@@ -30,7 +30,9 @@ def report_step(record: AttentionRecord) -> int:
 
 
 def build_report(record: AttentionRecord, threshold: float) -> dict:
-    """``{labels, subjects, step, num_steps, guided_steps, threshold, max_attention (B, S), neglected (B,)}``."""
+    """``{labels, subjects, step, num_steps, guided_steps, threshold, max_attention (B, S), neglected (B,),
+    skipped_steps}``; ``skipped_steps[b]``: the guided steps at which image ``b``'s A&E update was skipped as not
+    finite (NaN/inf), empty when none was (and an empty list for records without guided steps)."""
     if not isinstance(record, AttentionRecord):
         raise TypeError("attention_maps must come from an Attend-and-Excite sampler node.")
     step = report_step(record)
@@ -44,7 +46,16 @@ def build_report(record: AttentionRecord, threshold: float) -> dict:
         "threshold": threshold,
         "max_attention": [[round(float(v), 6) for v in row] for row in maxima],
         "neglected": [bool(v) for v in neglected(maxima, threshold)],
+        "skipped_steps": [list(steps) for steps in record.skipped_steps],
     }
+
+
+def skipped_text(report: dict) -> str:
+    """Lines for the images whose A&E update was skipped at some step (none: an empty string)."""
+    lines = [f"image {b}: A&E update skipped at step{'s' if len(steps) > 1 else ''} "
+             f"{', '.join(str(s + 1) for s in steps)} (not finite: NaN/inf); the unguided latent was kept there."
+             for b, steps in enumerate(report.get("skipped_steps", []), 1) if steps]
+    return "\n".join(lines)
 
 
 def inputs() -> list:
@@ -80,4 +91,5 @@ class AttendExciteReport(io.ComfyNode):
     @classmethod
     def execute(cls, attention_maps: AttentionRecord, threshold: float) -> io.NodeOutput:
         report = build_report(attention_maps, threshold)
-        return io.NodeOutput(ui={UI_KEY: [report], "text": [report_text(report)]})
+        text = "\n".join(t for t in (report_text(report), skipped_text(report)) if t)
+        return io.NodeOutput(ui={UI_KEY: [report], "text": [text]})
