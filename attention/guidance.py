@@ -135,6 +135,7 @@ class AutogradWeights:
 
     def __init__(self, roots: Iterable[nn.Module], swap: bool = True, by_reference: bool = True) -> None:
         self.by_reference = by_reference
+        self.copies = False  # whether some stand-in is a copy (not an alias of the model's own storage)
         self.swaps: list[list] = []  # [module, name, original parameter, stand-in]
         self.cast_modules: list[nn.Module] = []
         seen: set[int] = set()
@@ -171,6 +172,7 @@ class AutogradWeights:
     def _stand_in(self, p: torch.Tensor) -> nn.Parameter:
         # tensor subclasses (quantized weights of other packs) may not expose a plain storage: those are copied
         plain = type(p) in (torch.Tensor, nn.Parameter) and p.layout == torch.strided
+        self.copies |= not (self.by_reference and plain)
         data = alias(p) if self.by_reference and plain else p.detach().clone()
         return nn.Parameter(data, requires_grad=False)
 
@@ -207,6 +209,18 @@ def _streams_weights(m: nn.Module, device: torch.device) -> bool:
     if m.weight_function or m.bias_function:  # patches applied per forward (LoRA on low-VRAM loads)
         return True
     return any(p is not None and not _on_device(p, device) for p in m._parameters.values())  # low-VRAM loading
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is, or was raised while handling, a ``torch.OutOfMemoryError`` (a CUDA graph capture that runs out
+    of memory can end in another error, the capture's, with the allocation failure as its context)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, torch.OutOfMemoryError):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _leaf_gradient(loss: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
@@ -341,9 +355,11 @@ class GraphedPass:
         graph = self.backend.new_graph()
         try:
             self.outputs = self.backend.capture(graph, lambda: loss_and_grad(forward, static_x, self.weights))
-        except NoGradientError:  # the pass itself is broken, not its capture
+        except (NoGradientError, torch.OutOfMemoryError):  # the pass itself is broken, or memory ran out: the caller's
             raise
         except RuntimeError as e:  # the capture refused an operation: the passes run eagerly
+            if out_of_memory(e):  # an allocation failed inside the capture, reported as the capture's own failure
+                raise torch.OutOfMemoryError(f"CUDA graph capture: {e}") from None
             self.failure, self.outputs = f"{type(e).__name__}: {e}", ()
             return False
         self.graph, self.static = graph, (static_x, static_sigma)

@@ -4,11 +4,18 @@ the objective and its gradient with respect to the latent.
 
 The layers that feed the loss are the cross-attention layers of the target level, found from the UNet's structure
 (:func:`level_keys`); every pass runs only up to the last of them. The first pass of a run is, on CUDA, the warm-up
-of the CUDA graph captured right after it; later passes are replayed from the graph where allowed.
+of the CUDA graph captured right after it; later passes are replayed from the graph where allowed, and the graph is
+kept with the model for later runs (:mod:`.graph_cache`).
+
+A pass (or capture) that runs out of memory is not the end of the run: A&E frees what it holds (the graph and its
+pool, the weight stand-ins), empties ComfyUI's cache and retries the pass eagerly (the lean form: an eager pass
+keeps nothing between passes); only a retry that runs out of memory too raises :class:`GradientPassOutOfMemory`,
+whose message says what to change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -23,6 +30,7 @@ from comfy.ldm.modules import attention as comfy_attention
 
 from ..attention.guidance import AutogradWeights, CudaGraphBackend, GraphedPass, NoGradientError, loss_and_grad
 from ..attention.loss import attend_excite_objective
+from . import graph_cache
 from .capture import (
     GradCapture,
     LayerKey,
@@ -33,6 +41,7 @@ from .capture import (
     layer_name,
     replaced_attn2,
 )
+from .pass_memory import GradientPassOutOfMemory, first_line, out_of_memory_message
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +107,18 @@ def _control_modules(cond: dict) -> list[torch.nn.Module]:
     return mods
 
 
-def _conds_on(cond: dict, device: torch.device) -> dict:
+def _conds_on(cond: dict, device: torch.device, own: bool = False) -> dict:
     """A copy of ``cond`` whose model inputs already live on ``device`` (made once per run): the text encoder leaves
     them on the CPU, and a copy to the GPU inside each pass waits for the queued work (and cannot be captured in a
-    graph). The cond objects are copied, never changed."""
+    graph). The cond objects are copied, never changed. ``own``: the tensors are always new ones (normal tensors,
+    which a graph kept for later runs reads and :func:`~.graph_cache.refill` overwrites)."""
     model_conds = {}
     for name, c in cond.get("model_conds", {}).items():
         t = getattr(c, "cond", None)
-        if isinstance(t, torch.Tensor) and t.device != device:
+        if isinstance(t, torch.Tensor) and (own or t.device != device):
             c = copy.copy(c)
-            c.cond = t.to(device)
+            with torch.inference_mode(False) if own else contextlib.nullcontext():
+                c.cond = t.to(device, copy=own)
         model_conds[name] = c
     return {**cond, "model_conds": model_conds}
 
@@ -161,6 +172,9 @@ class GradientPasses:
         self.graphed: GraphedPass | None = None
         self.cond: dict | None = None  # the subjects' cond with its model inputs on the model's device
         self.graph_used = False
+        self.graph_reused = False  # the first pass replayed a graph kept from an earlier run
+        self.retries = 0  # passes retried eagerly after running out of memory
+        self.patcher = getattr(base_model, "current_patcher", None)  # the ModelPatcher sampling (owns the cache)
 
     # ---- the options of a pass ----
 
@@ -191,12 +205,11 @@ class GradientPasses:
         patches on ``keys``, stopped after the last of them."""
         capture = GradCapture(self.target_hw, keys[-1] if keys else None, comfy_attention.optimized_attention,
                               _precision, keys)
-        mo, p, s = self._options(capture.patch, keys, grad=True), self.params, self.subjects
+        mo, p, s, cond = self._options(capture.patch, keys, grad=True), self.params, self.subjects, self.cond
 
         def forward(leaf: torch.Tensor, sigma: torch.Tensor):
             try:
-                comfy.samplers.calc_cond_batch(self.base, [[self.cond]], leaf, sigma * leaf.new_ones(leaf.shape[0]),
-                                               mo)
+                comfy.samplers.calc_cond_batch(self.base, [[cond]], leaf, sigma * leaf.new_ones(leaf.shape[0]), mo)
             except StopForward:
                 pass
             if not capture.maps:
@@ -213,6 +226,14 @@ class GradientPasses:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor):
         comfy.model_management.throw_exception_if_processing_interrupted()
+        try:
+            return self._pass(x, sigma)
+        except torch.OutOfMemoryError as e:
+            error = first_line(e)
+        # past the handler: its traceback, which holds the failed pass's tensors, is gone before memory is freed
+        return self._retry_eagerly(x, sigma, error)
+
+    def _pass(self, x: torch.Tensor, sigma: torch.Tensor):
         if self.target_keys is None:
             return self._first_pass(x, sigma)
         if self.graphed is not None:
@@ -220,21 +241,30 @@ class GradientPasses:
         _, forward = self._forward(self.target_keys)
         return loss_and_grad(lambda leaf: forward(leaf, sigma), x, self.weights)
 
+    def _weights(self, by_reference: bool) -> AutogradWeights:
+        return AutogradWeights([self.base, *_control_modules(self.subjects.cond)], swap=not self._hooked(),
+                               by_reference=by_reference)
+
     def _first_pass(self, x: torch.Tensor, sigma: torch.Tensor):
-        """Where :meth:`graph_blockers` allows, runs on a side stream as the warm-up of the CUDA graph captured right
-        after it."""
-        self.cond = _conds_on(self.subjects.cond, x.device)
-        self.weights = AutogradWeights([self.base, *_control_modules(self.subjects.cond)], swap=not self._hooked(),
-                                       by_reference=self.params.weights_by_reference)
+        """Where :meth:`graph_blockers` allows: replays the graph kept from an earlier run with the same key, or
+        runs on a side stream as the warm-up of the CUDA graph captured right after it (and kept)."""
+        self.weights = self._weights(self.params.weights_by_reference)
+        blockers = self.graph_blockers(x)
+        key = None if blockers or self.patcher is None else graph_cache.pass_key(self, x)
+        fingerprint = None if key is None else graph_cache.weights_fingerprint(self.base)
+        cache = graph_cache.find_cache(self.patcher) if fingerprint is not None else None
+        kept = cache.take(key, fingerprint) if cache is not None else None
+        if kept is not None:
+            return self._replay_kept(kept, x, sigma)
+        self.cond = _conds_on(self.subjects.cond, x.device, own=fingerprint is not None)
         _, forward = self._forward(self.keys)
         run_pass = functools.partial(loss_and_grad, lambda leaf: forward(leaf, sigma), x, self.weights)
-        blockers = self.graph_blockers(x)
         if blockers:
             out = run_pass()
         else:
             try:
                 out = self.graph_backend.warm_up(run_pass)
-            except NoGradientError:
+            except (NoGradientError, torch.OutOfMemoryError):
                 raise
             except RuntimeError as e:  # the side-stream run failed: this run keeps eager passes (a model error recurs)
                 log.warning("%s: CUDA graph warm-up failed, running the pass eagerly: %s: %s", self.params.node,
@@ -245,20 +275,79 @@ class GradientPasses:
         if blockers:
             log.info("%s: gradient passes run eagerly (no CUDA graph): %s", self.params.node, "; ".join(blockers))
         elif self.target_keys:
-            self._capture_graph(x, sigma)
+            self._capture_graph(x, sigma, None if fingerprint is None else (key, fingerprint))
         return out
 
-    def _capture_graph(self, x: torch.Tensor, sigma: torch.Tensor) -> None:
+    def _replay_kept(self, kept: graph_cache.CachedPass, x: torch.Tensor, sigma: torch.Tensor):
+        graph_cache.refill(kept.cond, self.subjects.cond)
+        self.cond, self.graphed, self.target_keys = kept.cond, kept.graphed, list(self.keys)
+        self.graph_used = self.graph_reused = True
+        log.info("%s: the gradient passes replay the CUDA graph kept from an earlier run", self.params.node)
+        return self.graphed(x, sigma)
+
+    def _capture_graph(self, x: torch.Tensor, sigma: torch.Tensor, keep: tuple | None) -> None:
+        """Capture the pass; ``keep``: ``(key, weights fingerprint)`` under which the model keeps it for later runs."""
         graphed = GraphedPass(self._forward(self.target_keys)[1], self.weights, self.graph_backend)
-        if graphed.capture(x, sigma):
+        try:
+            captured = graphed.capture(x, sigma)
+        except torch.OutOfMemoryError as e:
+            error = first_line(e)
+        else:
+            error = None
+        if error is not None:  # the first pass's result stands; the passes run eagerly from here
+            del graphed
+            log.warning("%s: the CUDA graph capture ran out of memory (%s); A&E frees it and the gradient passes run "
+                        "eagerly", self.params.node, error)
+            self.release(passes=False)
+        elif captured:
             self.graphed, self.graph_used = graphed, True
+            cache = graph_cache.ensure_cache(self.patcher) if keep is not None else None
+            if cache is not None:
+                cache.keep(graph_cache.CachedPass(*keep, graphed, self.cond))
         else:
             log.warning("%s: CUDA graph capture failed, gradient passes run eagerly: %s", self.params.node,
                         graphed.failure)
 
+    def _retry_eagerly(self, x: torch.Tensor, sigma: torch.Tensor, error: str):
+        """The lean form of a pass that ran out of memory: after :meth:`release`, an eager pass on weight aliases
+        (no graph pool, no weight copies); raises :class:`GradientPassOutOfMemory` if that runs out of memory too."""
+        log.warning("%s: the gradient pass ran out of memory (%s); A&E frees its CUDA graph and weight stand-ins and "
+                    "retries it eagerly", self.params.node, error)
+        self.retries += 1
+        self.release()
+        keys = self.keys if self.target_keys is None else self.target_keys
+        try:
+            self.cond, self.weights = _conds_on(self.subjects.cond, x.device), self._weights(by_reference=True)
+            _, forward = self._forward(keys)
+            out = loss_and_grad(lambda leaf: forward(leaf, sigma), x, self.weights)
+        except torch.OutOfMemoryError as e:
+            error = first_line(e)
+        else:
+            self.target_keys = list(keys)
+            return out
+        self.release()
+        raise GradientPassOutOfMemory(out_of_memory_message(self.params.node, tuple(x.shape),
+                                                            self.params.attention_blocks, self.target_hw,
+                                                            self._finest_encoder_side(x), error))
+
+    def release(self, passes: bool = True) -> None:
+        """Free what A&E holds for the gradient passes: the graph and its memory pool (also the one the model keeps
+        for later runs), with ``passes`` the weight stand-ins and conds too; then empty ComfyUI's cache."""
+        if passes:
+            self.close()
+        cache = graph_cache.find_cache(self.patcher)
+        if cache is not None:
+            cache.release()
+        comfy.model_management.soft_empty_cache()
+
     def close(self) -> None:
-        """Drop what only the passes need (the graph and its memory pool, weight stand-ins); idempotent."""
+        """Drop what only this run's passes need (its references to the graph, weight stand-ins); idempotent. A graph
+        kept with the model stays there."""
         self.graphed, self.weights, self.cond = None, None, None
+
+    def _finest_encoder_side(self, x: torch.Tensor) -> int | None:
+        levels = [v for k, v in attn2_levels(self.base.diffusion_model).items() if k[0] == "input"]
+        return max(_level(n, 2 ** min(levels)) for n in x.shape[-2:]) if levels else None
 
     # ---- when a CUDA graph may replay the pass ----
 
@@ -289,7 +378,7 @@ class GradientPasses:
         to = self.model_options.get("transformer_options", {})
         foreign = [k for k, v in to.get("patches", {}).items() if _holds_any(v)]
         foreign += [f"{k} replace" for k, v in to.get("patches_replace", {}).items() if _holds_any(v)]
-        foreign += [k for k in ("wrappers", "callbacks") if _holds_any(to.get(k))]
+        foreign += [k for k in ("wrappers", "callbacks") if _holds_any(graph_cache.others_entries(to.get(k)))]
         foreign += [k for k in ("model_function_wrapper",) if self.model_options.get(k) is not None]
         callbacks = getattr(self.base.current_patcher, "get_all_callbacks", None)
         if callbacks is not None and callbacks(comfy.patcher_extension.CallbacksMP.ON_PREPARE_STATE):

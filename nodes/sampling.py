@@ -227,6 +227,7 @@ class GuidedRun:
     record: AttentionRecord | None
     sched: GuidanceSchedule
     count: int = 0  # gradient passes taken
+    skipped: torch.Tensor | int = 0  # (B,) per sample, guided steps whose update was skipped (on the device)
 
     def guide(self, model, sampler, x, sigmas, extra_args: dict, by_name: bool) -> GuidedModel:
         """``model`` with the A&E update at the first evaluation of each guided step of ``sampler``."""
@@ -244,18 +245,21 @@ class GuidedRun:
                               sigma_data, i, progress)
             out = attend_and_excite(step, latent, self.sched.refinement.get(i))
             self.count += step.count
+            self.skipped = self.skipped + step.skipped
             if i == self.sched.guided_steps - 1:
-                self.passes.close()  # the graph's memory and weight stand-ins go before the unguided steps
+                self.passes.close()  # weight stand-ins go before the unguided steps (a graph kept with the model stays)
             return out
 
         return GuidedModel(model, starts, edit, name)
 
     def finish(self) -> None:
         if self.sched.guided_steps:
-            graphed = self.passes.graph_used
+            p = self.passes
+            how = (" (CUDA graph kept from an earlier run)" if p.graph_reused else " (CUDA graph)") * p.graph_used
             log.info("%s: %d guided steps, %d gradient passes%s", self.params.node, self.sched.guided_steps,
-                     self.count, " (CUDA graph)" if graphed else "", extra={"ae_passes": self.count,
-                                                                            "ae_graphed": graphed})
+                     self.count, how, extra={"ae_passes": self.count, "ae_graphed": p.graph_used,
+                                             "ae_graph_reused": p.graph_reused, "ae_retries": p.retries})
+            _warn_skipped(self.params.node, self.skipped)
         if self.record is not None:
             self.record.finish()
 

@@ -191,7 +191,8 @@ def test_graphed_passes_give_the_eager_result(host, caplog):
     """The sampler's CUDA-graph path on a CPU stand-in whose replay re-runs the captured pass: the first pass is the
     warm-up, the target layers' pass is captured right after it, every later pass (refinement included) is a replay
     on that pass's static inputs, and the result is the eager sampler's. A refused capture or a failed warm-up leaves
-    eager passes."""
+    eager passes. (Each run starts with the model unloaded: it releases the pass kept from the run before.)"""
+    import comfy.model_management
     from comfyui_attend_excite.attention.record import AttentionRecord
     from comfyui_attend_excite.attention.schedule import parse_refinement
     from comfyui_attend_excite.nodes.sampling import AEParams, make_sampler
@@ -200,6 +201,7 @@ def test_graphed_passes_give_the_eager_result(host, caplog):
     params = AEParams(refinement=parse_refinement("0:0.99"), max_refinement_steps=3)
 
     def run(params, backend=None):
+        comfy.model_management.unload_all_models()
         caplog.clear()
         record = AttentionRecord()
         sampler = make_sampler(params, record)
