@@ -22,7 +22,8 @@ def report_step(record: AttentionRecord) -> int:
     Falls back to the last recorded step before it when that step has no maps."""
     if not record.maps:
         raise ValueError("attention_maps is empty: the run recorded no attention maps. Turn record_maps on (on the "
-                         "Attend-and-Excite Options node).")
+                         "Attend-and-Excite Options node). With the Attend-and-Excite Sampler node, also connect the "
+                         "sampled LATENT to the report's samples input, so that it runs after the sampling.")
     guided = record.guided_steps or build_schedule(max(record.num_steps, 1), 0.5, 1.0, refinement=()).guided_steps
     target = guided - 1
     earlier = [s for s in record.steps if s <= max(target, 0)]
@@ -65,6 +66,10 @@ def inputs() -> list:
         io.Float.Input("threshold", default=0.2, min=0.0, max=1.0, step=0.01,
                        tooltip="A subject whose max attention (0 to 1) is below this counts as neglected. The "
                                "paper's refinement asks for 0.8 by 40 % of the schedule; 0.2 flags clear neglect."),
+        io.Latent.Input("samples", optional=True,
+                        tooltip="Optional: the sampled LATENT of the same run. Connect it when the maps come from "
+                                "the Attend-and-Excite Sampler node, whose maps fill while SamplerCustom runs: the "
+                                "report then runs after the sampling."),
     ]
 
 
@@ -89,7 +94,7 @@ class AttendExciteReport(io.ComfyNode):
         return verdict(*widget_problems(inputs(), {"threshold": threshold}))
 
     @classmethod
-    def execute(cls, attention_maps: AttentionRecord, threshold: float) -> io.NodeOutput:
+    def execute(cls, attention_maps: AttentionRecord, threshold: float, samples: dict | None = None) -> io.NodeOutput:
         report = build_report(attention_maps, threshold)
         text = "\n".join(t for t in (report_text(report), skipped_text(report)) if t)
         return io.NodeOutput(ui={UI_KEY: [report], "text": [text]})

@@ -109,7 +109,13 @@ def test_sampler_custom_with_the_ae_sampler(comfy_server):
               "inputs": {"attention_maps": ["5", 1], "image": ["8", 0], "start_percent": 0.0, "end_percent": 1.0,
                          "layers": "all", "alpha": 0.5}},
         "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "custom/maps"}},
+        # listed first among the outputs and fed only by the A&E Sampler's maps and the sampled latent: the latent
+        # makes it wait for the sampling that fills the maps
+        "0": {"class_type": "AttendExciteReport",
+              "inputs": {"attention_maps": ["5", 1], "threshold": 0.2, "samples": ["7", 0]}},
     }
     history = comfy_server.run(prompt, timeout=600)
     maps = pixels(comfy_server, history["outputs"]["10"]["images"][0])
     assert maps.shape == (256, 3 * 256, 3)
+    (report,) = history["outputs"]["0"]["attend_excite"]
+    assert report["labels"] == ["cat", "frog"] and len(report["max_attention"][0]) == 2
