@@ -14,14 +14,25 @@ pass. Per pass it counts
 
 Every attention layer runs PyTorch's SDPA (ComfyUI's choice on NVIDIA GPUs). The ``blocks`` option chooses which
 cross-attention layers of the level feed the loss (``AEParams.attention_blocks``), ``--resolution`` which level.
+
+``--memory`` counts ways to keep less for the backward (:data:`MEMORY_OPTIONS`), run for real on the meta model with
+PyTorch's activation checkpointing (non-reentrant): ``stored`` is the sampler's pass as it is; ``ff_recompute``
+recomputes each transformer block's feed-forward (GEGLU projection, GELU, output projection) in the backward and
+keeps only its input; ``block_recompute`` recomputes each whole transformer block (self-attention, cross-attention,
+feed-forward) and keeps its input and context, except the block whose cross-attention ends the pass. ``saved_gib``
+then counts what is kept through the pass (the kept inputs included); a recomputed block's own activations live
+only while its backward runs (one block's: tens of MiB at SDXL's 32x32 level). Every gradient row also gives
+``probs_f32_gib``, the read layers' float32 probabilities among the saved bytes (kept in fp16 they would take half).
+
 Output: JSON lines, then a Markdown table. ``docs/performance.md`` turns the counts into GPU estimates.
 
-    python benchmarks/cost_model.py --arch sd15,sdxl --batch 1,4
+    python benchmarks/cost_model.py --arch sd15,sdxl --batch 1,4 [--memory stored,ff_recompute,block_recompute]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -32,6 +43,7 @@ import bench  # noqa: E402  (the benchmark's architectures and ComfyUI set-up)
 
 log = logging.getLogger("ae_cost")
 GIB = 1024**3
+MEMORY_OPTIONS = ("stored", "ff_recompute", "block_recompute")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,9 +56,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="which cross-attention layers of the level feed the loss")
     p.add_argument("--resolution", type=int, default=0,
                    help="AEParams.attention_resolution: side of the level read (0 = auto, latent / 4)")
+    p.add_argument("--memory", type=bench._csv(str), default=["stored"],
+                   help="what the gradient pass keeps for its backward: " + ",".join(MEMORY_OPTIONS))
     p.add_argument("--comfy-root", default=None)
     p.add_argument("--markdown", type=Path, default=None)
     return p.parse_args(argv)
+
+
+def gradient_pass_module():
+    """The pack's ``nodes.gradient_pass`` (where the sampler finds its layers), imported as the benchmark imports the
+    pack."""
+    import importlib
+
+    return importlib.import_module(f"{bench.PACK}.nodes.gradient_pass")
 
 
 class OpCounter:
@@ -100,7 +122,7 @@ class Model:
         self.param_storages = {p.untyped_storage()._cdata for p in self.unet.parameters()}
         self.weights_gib = sum(p.numel() * p.element_size() for p in self.unet.parameters()) / GIB
         self.latent = size // 8
-        self.target_hw = pack.sampling.target_resolution((self.latent, self.latent), resolution)
+        self.target_hw = gradient_pass_module().target_resolution((self.latent, self.latent), resolution)
         self.keys = pack.capture.attn2_keys(self.unet)
 
     def inputs(self, batch: int):
@@ -148,6 +170,8 @@ class Producers:
 
 
 def measure(fn, param_storages: set[int], top: int = 8) -> dict[str, Any]:
+    """Counts of ``fn(hold)``; ``hold(t)`` counts ``t`` as kept for the backward (an activation checkpoint's input:
+    autograd's hooks do not see it)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -163,14 +187,16 @@ def measure(fn, param_storages: set[int], top: int = 8) -> dict[str, Any]:
     flops = FlopCounterMode(display=False)
     ops = OpCounter()
     with flops, ops, producers, torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
-        fn()
+        fn(pack_hook)
     groups: dict[tuple, list[int]] = {}
     for nbytes, made in saved.values():
         g = groups.setdefault(made, [0, 0])
         g[0], g[1] = g[0] + 1, g[1] + nbytes
     largest = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
+    probs = sum(n for n, (op, shape, dtype) in saved.values()
+                if op == "_softmax" and dtype == "float32" and shape and shape[-1] == bench.NUM_KEYS)
     return {"tflop": flops.get_total_flops() / 1e12, "ops": ops.count,
-            "saved_gib": sum(n for n, _ in saved.values()) / GIB,
+            "saved_gib": sum(n for n, _ in saved.values()) / GIB, "probs_f32_gib": probs / GIB,
             "saved_top": [[op, list(shape), dtype, count, round(nbytes / GIB, 4)]
                           for (op, shape, dtype), (count, nbytes) in largest]}
 
@@ -179,7 +205,7 @@ def plain_step(model: Model, batch: int) -> dict[str, Any]:
     """One CFG sampling step: cond and uncond in one forward of batch 2B, no gradient."""
     import torch
 
-    def run():
+    def run(hold):
         with torch.no_grad():
             x, *_ = model.inputs(2 * batch)
             model.forward(x, {}, 2 * batch)
@@ -187,22 +213,78 @@ def plain_step(model: Model, batch: int) -> dict[str, Any]:
     return measure(run, model.param_storages)
 
 
-def gradient_pass(model: Model, batch: int, blocks: str) -> dict[str, Any]:
+class Recomputed:
+    """A transformer block's part run under activation checkpointing: its input is kept (``hold``), its activations
+    are recomputed in the backward. ``skip(transformer_options)``: run this call as it is (the block whose
+    cross-attention ends the pass: its forward stops inside)."""
+
+    def __new__(cls, inner, hold, skip=lambda to: False):
+        import torch
+
+        class _Module(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x, *args, **kwargs):
+                to = kwargs.get("transformer_options")
+                if to is not None:  # the UNet updates its block index in place: the recompute must see this call's
+                    kwargs["transformer_options"] = to = dict(to)
+                    if skip(to):
+                        return self.inner(x, *args, **kwargs)
+                for t in (x, *args, *kwargs.values()):
+                    if isinstance(t, torch.Tensor):
+                        hold(t)
+                return torch.utils.checkpoint.checkpoint(self.inner, x, *args, use_reentrant=False,
+                                                         preserve_rng_state=False, **kwargs)
+
+        return _Module()
+
+
+@contextlib.contextmanager
+def memory_option(model: Model, option: str, stop_key, hold):
+    """``model``'s transformer blocks as ``option`` runs them (see :data:`MEMORY_OPTIONS`), for the ``with`` body."""
+    from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
+
+    undo = []
+    for m in model.unet.modules():
+        if option == "ff_recompute" and isinstance(m, BasicTransformerBlock):
+            undo.append((m, "ff", m.ff))
+            m.ff = Recomputed(m.ff, hold)
+        elif option == "block_recompute" and isinstance(m, SpatialTransformer):
+            blocks = m.transformer_blocks
+            for i, block in enumerate(list(blocks)):
+                def ends_the_pass(to, i=i):
+                    return (*to.get("block", ("", -1)), i) == tuple(stop_key)
+
+                undo.append((blocks, i, block))
+                blocks[i] = Recomputed(block, hold, ends_the_pass)
+    try:
+        yield
+    finally:
+        for owner, name, original in reversed(undo):
+            if isinstance(name, int):
+                owner[name] = original
+            else:
+                setattr(owner, name, original)
+
+
+def gradient_pass(model: Model, batch: int, blocks: str, option: str = "stored") -> dict[str, Any]:
     """The sampler's gradient pass: cond only, capture at the target level, stop after the last layer read, loss,
-    backward to the latent."""
+    backward to the latent; ``option``: what it keeps for the backward (:data:`MEMORY_OPTIONS`)."""
     import torch
 
     pack = model.pack
-    keys = pack.sampling.select_blocks(model.keys, blocks)
+    keys = gradient_pass_module().select_blocks(model.keys, blocks)
     with torch.no_grad():
         targets = bench.target_layers(lambda attn2: model.forward(model.inputs(1)[0], attn2, 1), pack,
                                       model.target_hw, keys, sdpa_attention)
     slots = pack.loss.slot_mask(bench.NUM_KEYS, "all_but_bos_last")
 
-    def run():
+    def run(hold):
         forward = bench.pass_forward(lambda x, attn2: model.forward(x, attn2, batch), pack, model.target_hw,
                                      targets, sdpa_attention, slots)
-        with torch.enable_grad():
+        with torch.enable_grad(), memory_option(model, option, targets[-1], hold):
             leaf = model.inputs(batch)[0].requires_grad_(True)
             loss, _ = forward(leaf)
             loss.sum().backward(inputs=[leaf])  # as autograd.grad (which the counter rejects)
@@ -225,9 +307,11 @@ def rows(args: argparse.Namespace, pack) -> list[dict[str, Any]]:
                 plain = plain_step(model, batch)
                 out.append({**base, "pass": "plain_step", **plain})
                 for blocks in args.blocks:
-                    g = gradient_pass(model, batch, blocks)
-                    out.append({**base, "pass": f"gradient_{blocks}", **g,
-                                "tflop_vs_step": g["tflop"] / plain["tflop"], "ops_vs_step": g["ops"] / plain["ops"]})
+                    for option in args.memory:
+                        g = gradient_pass(model, batch, blocks, option)
+                        name = f"gradient_{blocks}" + ("" if option == "stored" else f"+{option}")
+                        out.append({**base, "pass": name, "memory": option, **g, "tflop_vs_step": g["tflop"] /
+                                    plain["tflop"], "ops_vs_step": g["ops"] / plain["ops"]})
     return out
 
 
@@ -238,6 +322,7 @@ def markdown(table: list[dict[str, Any]]) -> str:
         ("TFLOP", lambda r: f"{r['tflop']:.3f}"), ("× step", lambda r: bench._fmt(r.get("tflop_vs_step"))),
         ("ops", lambda r: r["ops"]), ("× step", lambda r: bench._fmt(r.get("ops_vs_step"))),
         ("saved GiB", lambda r: f"{r['saved_gib']:.2f}"),
+        ("of which fp32 probs", lambda r: f"{r['probs_f32_gib']:.2f}"),
     ], table)
 
 
