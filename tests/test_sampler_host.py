@@ -35,7 +35,7 @@ def test_encode_equals_cliptextencode_and_carries_subjects(host):
         (ref,) = comfy_nodes.CLIPTextEncode().encode(host["clip"], PROMPT)
     assert torch.equal(ref[0][0], host["pos"][0][0])
     assert host["pos"][0][1]["attend_excite"].indices == (5, 8)
-    assert "5: cat</w>   <- excited" in host["table"]
+    assert "- 5: cat  ← excited" in host["table"].splitlines()
 
 
 def test_ae_raises_the_weakest_subjects_attention(host):
