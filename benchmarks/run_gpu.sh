@@ -115,7 +115,7 @@ case "$PART" in all|sdxl-down-mid) bench --arch sdxl --batch 1 --blocks down_mid
 case "$PART" in all|sd15|sd15-b4) bench --arch sd15 --batch 4 --diffusers ;; esac
 case "$PART" in all|sd15-down-mid) bench --arch sd15 --batch 1 --blocks down_mid ;; esac
 
-# at most 8 files come back from a lent machine: the profile folders travel as one archive
+# the profile folders go into one archive, so that the results folder holds few files
 PROFILES=()
 for d in profile pass_profile; do [ -d "$OUT/$d" ] && PROFILES+=("$d"); done
 if [ ${#PROFILES[@]} -gt 0 ]; then

@@ -290,5 +290,5 @@ def make_sampler(params: AEParams, record: AttentionRecord | None,
         raise ValueError(f"sampler: A&E wraps k-diffusion samplers (KSAMPLER: every core sampler node makes one); "
                          f"got {type(inner).__name__}. Connect a KSamplerSelect or a core sampler node instead.")
     return comfy.samplers.KSAMPLER(sample_attend_excite,
-                                   extra_options={"ae_params": params, "ae_sampler": inner, "ae_record": record},
+                                   extra_options={"ae_params": params, "ae_sampler": sampler, "ae_record": record},
                                    inpaint_options=getattr(inner, "inpaint_options", {}))
