@@ -80,3 +80,36 @@ def verdict(*problems: str | None) -> bool | str:
     """What a ``validate_inputs`` returns: ``True``, or the problems found, one sentence group each."""
     found = [p for p in problems if p]
     return " ".join(found) if found else True
+
+
+JOINT_BLOCK_WORDS = ("auto", "all", "double", "single")
+
+
+def parse_joint_blocks(text: str) -> str | tuple[int, ...]:
+    """``joint_blocks`` of a joint-attention model: one of :data:`JOINT_BLOCK_WORDS`, or block numbers in execution
+    order as a list of numbers and ranges, ``"6-11"`` or ``"0, 2, 4-7"`` (sorted, duplicates removed)."""
+    t = str(text).strip().lower()
+    if t in JOINT_BLOCK_WORDS:
+        return t
+    out: set[int] = set()
+    for part in filter(None, (p.strip() for p in t.split(","))):
+        a, sep, b = part.partition("-")
+        if not (a.strip().isdigit() and (not sep or b.strip().isdigit())):
+            raise ValueError(f"joint_blocks = {text!r}: {part!r} is not a block number or a range such as 6-11")
+        lo, hi = int(a), int(b) if sep else int(a)
+        if hi < lo:
+            raise ValueError(f"joint_blocks = {text!r}: the range {part!r} ends before it starts")
+        out.update(range(lo, hi + 1))
+    if not out:
+        raise ValueError(f"joint_blocks = {text!r} names no block")
+    return tuple(sorted(out))
+
+
+def joint_blocks_problem(text: Any) -> str | None:
+    """``joint_blocks`` text that :func:`parse_joint_blocks` refuses."""
+    try:
+        parse_joint_blocks(str(text))
+    except ValueError as e:
+        return (f"{e}. Give auto (the model family's default), all, double or single (Flux), or block numbers "
+                f"such as 6-11.")
+    return None

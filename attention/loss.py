@@ -21,12 +21,16 @@ def slot_mask(num_keys: int, mode: str, prompt_positions: Sequence[int] = ()) ->
     ``all_but_bos_last``: every slot except each chunk's start token (position 0) and last slot (76). For one
     77-token chunk this is slots 1..75, i.e. the official SD1.4 code's and diffusers' ``[:, :, 1:-1]`` (prompt tokens,
     end token and end-token padding). ``prompt``: only the prompt's own token slots (the official SD2.1 mode,
-    ``normalize_eot``), i.e. no start, end or padding slots.
+    ``normalize_eot``), i.e. no start, end or padding slots; the mode for T5 streams (Flux, SD3), which have no
+    start token and 77-token chunks.
     """
-    if num_keys <= 0 or num_keys % CHUNK:
-        raise ValueError(f"num_keys must be a positive multiple of {CHUNK}, got {num_keys}")
+    if num_keys <= 0:
+        raise ValueError(f"num_keys must be positive, got {num_keys}")
     mask = torch.zeros(num_keys, dtype=torch.bool)
     if mode == "all_but_bos_last":
+        if num_keys % CHUNK:
+            raise ValueError(f"token_slots all_but_bos_last reads 77-token CLIP chunks; this prompt has {num_keys} "
+                             f"keys (a T5 stream). Use token_slots auto or prompt.")
         mask[:] = True
         mask[0::CHUNK] = False
         mask[CHUNK - 1 :: CHUNK] = False

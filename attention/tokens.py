@@ -1,7 +1,8 @@
-"""Map subject words (or explicit indices) to cross-attention key indices of a CLIP-tokenised prompt.
+"""Map subject words (or explicit indices) to cross-attention key indices of a tokenised prompt.
 
-Key index = ``chunk * 77 + position`` with position 0 the start token, exactly the column of the cross-attention
-map that ComfyUI's encoded conditioning (``[B, 77 * chunks, D]``) produces. Weighted text ``(word:1.2)`` keeps
+Key index = the column of the attention map: for CLIP ``chunk * 77 + position`` with position 0 the start token,
+exactly as ComfyUI's encoded conditioning (``[B, 77 * chunks, D]``) holds them; for T5 (Flux, SD3) the token's
+position in its stream plus the stream's offset in the conditioning. Weighted text ``(word:1.2)`` keeps
 positions (the tokenizer strips the syntax), so words are found by their BPE id sequence.
 
 CLIP's vocabulary is byte-level BPE: each token is a run of UTF-8 bytes spelled with one printable character per
@@ -45,8 +46,8 @@ class SubjectTokens:
     indices: tuple[int, ...]  # key indices that are excited
     labels: tuple[str, ...]  # one label per index, e.g. "cat"
     prompt_positions: tuple[int, ...]  # key indices of every real prompt token (no start/end/padding)
-    num_keys: int  # 77 * chunks
-    family: str  # tokenizer key: "l" (SD1), "h" (SD2), "g"/"l" (SDXL)
+    num_keys: int  # keys of the conditioning: 77 * chunks for CLIP, all tokens for Flux / SD3
+    family: str  # tokenizer key of the stream read: "l" (SD1, SDXL, SD3 without T5), "h" (SD2), "t5xxl" (Flux, SD3)
 
 
 @dataclass(frozen=True)
@@ -57,25 +58,48 @@ class Token:
 
 
 def prompt_tokens(chunks: Sequence[Sequence[tuple]], special_ids: set[int],
-                  decode: Callable[[int], str]) -> list[Token]:
+                  decode: Callable[[int], str], has_start: bool = True, offset: int = 0) -> list[Token]:
     """Real prompt tokens (start, end and padding removed) of ComfyUI tokenizer output ``[[(token, weight, ...)]]``.
 
     Padding is recognised as everything after a chunk's first end token, so tokenizers that pad with the end
-    token (SD1) and with id 0 (SD2, SDXL's CLIP-G) are both handled.
+    token (SD1) and with id 0 (SD2, SDXL's CLIP-G, T5) are both handled. ``has_start``: each chunk begins with a
+    start token (CLIP; T5 has none). ``offset``: key index of the stream's first token in the conditioning (SD3's
+    T5 tokens follow the CLIP ones).
     """
     out: list[Token] = []
-    for c, chunk in enumerate(chunks):
+    base = offset
+    for chunk in chunks:
         for p, item in enumerate(chunk):
             tok = item[0]
             if isinstance(tok, int) or (hasattr(tok, "__index__") and not hasattr(tok, "shape")):
                 tid = int(tok)
-                if p == 0:
+                if p == 0 and has_start:
                     continue
                 if tid in special_ids:
                     break  # end token: the rest of the chunk is padding
-                out.append(Token(c * CHUNK + p, tid, decode(tid)))
+                out.append(Token(base + p, tid, decode(tid)))
             else:  # an embedding vector from "embedding:name"
-                out.append(Token(c * CHUNK + p, None, "<embedding>"))
+                out.append(Token(base + p, None, "<embedding>"))
+        base += len(chunk)
+    return out
+
+
+SENTENCEPIECE_SPACE = "\u2581"  # "▁": SentencePiece's mark of a piece that starts a word
+_CHAR_OF = {b: c for c, b in _BYTE_OF.items()}
+
+
+def sentencepiece_as_bpe(tokens: Sequence[Token]) -> list[Token]:
+    """T5's SentencePiece pieces (``"▁cat"``: a word *starts* with ``▁``) spelled as byte-level BPE tokens (a word
+    *ends* with ``</w>``), so that :func:`words`, :func:`token_text` and the token table read them the same way."""
+    out: list[Token] = []
+    for i, t in enumerate(tokens):
+        if t.id is None:
+            out.append(t)
+            continue
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+        ends = nxt is None or nxt.id is None or nxt.text.startswith(SENTENCEPIECE_SPACE)
+        text = "".join(_CHAR_OF[b] for b in t.text.replace(SENTENCEPIECE_SPACE, "").encode("utf-8"))
+        out.append(Token(t.index, t.id, text + (END_OF_WORD if ends else "")))
     return out
 
 
@@ -124,6 +148,7 @@ def token_text(tokens: Sequence[Token]) -> dict[int, str]:
                 piece = bpe_bytes(t.text).decode("utf-8")
             except UnicodeDecodeError:
                 piece = "…"
+            piece = piece or SENTENCEPIECE_SPACE  # T5's lone word-start mark
             out[t.index] = piece if len(toks) == 1 else f"{piece} ({word})"
     return out
 

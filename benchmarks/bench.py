@@ -380,6 +380,7 @@ def import_pack() -> types.SimpleNamespace:
     return types.SimpleNamespace(
         sampling=importlib.import_module(f"{PACK}.nodes.sampling"),
         gradient_pass=importlib.import_module(f"{PACK}.nodes.gradient_pass"),
+        families=importlib.import_module(f"{PACK}.nodes.families"),
         capture=importlib.import_module(f"{PACK}.nodes.capture"),
         loss=importlib.import_module(f"{PACK}.attention.loss"),
         guidance=importlib.import_module(f"{PACK}.attention.guidance"),
@@ -796,7 +797,7 @@ class Bench:
                 "attention_blocks": args.blocks, "cuda_graph": args.cuda_graph, "record_maps": args.record_maps,
                 "gc": args.gc}
         sampling = self.pack.sampling
-        target = self.pack.gradient_pass.target_resolution((side, side), 0)
+        target = self.pack.families.target_resolution((side, side), 0)
         ms = model.get_model_object("model_sampling")
         sigmas = comfy.samplers.calculate_sigmas(ms, "normal", args.steps).cpu()
         warm_steps = args.warmup_steps or args.steps

@@ -63,12 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def gradient_pass_module():
-    """The pack's ``nodes.gradient_pass`` (where the sampler finds its layers), imported as the benchmark imports the
+def families_module():
+    """The pack's ``nodes.families`` (where the sampler finds its layers), imported as the benchmark imports the
     pack."""
     import importlib
 
-    return importlib.import_module(f"{bench.PACK}.nodes.gradient_pass")
+    return importlib.import_module(f"{bench.PACK}.nodes.families")
 
 
 class OpCounter:
@@ -122,7 +122,7 @@ class Model:
         self.param_storages = {p.untyped_storage()._cdata for p in self.unet.parameters()}
         self.weights_gib = sum(p.numel() * p.element_size() for p in self.unet.parameters()) / GIB
         self.latent = size // 8
-        self.target_hw = gradient_pass_module().target_resolution((self.latent, self.latent), resolution)
+        self.target_hw = families_module().target_resolution((self.latent, self.latent), resolution)
         self.keys = pack.capture.attn2_keys(self.unet)
 
     def inputs(self, batch: int):
@@ -275,7 +275,7 @@ def gradient_pass(model: Model, batch: int, blocks: str, option: str = "stored")
     import torch
 
     pack = model.pack
-    keys = gradient_pass_module().select_blocks(model.keys, blocks)
+    keys = families_module().select_blocks(model.keys, blocks)
     with torch.no_grad():
         targets = bench.target_layers(lambda attn2: model.forward(model.inputs(1)[0], attn2, 1), pack,
                                       model.target_hw, keys, sdpa_attention)

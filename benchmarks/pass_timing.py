@@ -82,7 +82,7 @@ class Subject:
         self.unet = self.patcher.model.diffusion_model
         self.attention = comfy_attention.optimized_attention
         side = size // 8
-        self.target_hw = pack.gradient_pass.target_resolution((side, side), 0)
+        self.target_hw = pack.families.target_resolution((side, side), 0)
         gen = torch.Generator().manual_seed(1)
         cfg = bench.unet_config(arch, variant)
 
@@ -104,7 +104,7 @@ class Subject:
 
     def targets(self, blocks: str) -> list:
         """The layers the sampler's first pass finds: those of the selected blocks at the target level."""
-        keys = self.pack.gradient_pass.select_blocks(self.pack.capture.attn2_keys(self.unet), blocks)
+        keys = self.pack.families.select_blocks(self.pack.capture.attn2_keys(self.unet), blocks)
         with self.torch.inference_mode():
             return bench.target_layers(lambda attn2: self._call(self.x, self.batch, attn2), self.pack,
                                        self.target_hw, keys, self.attention)

@@ -5,20 +5,54 @@ from __future__ import annotations
 import comfy.sd1_clip
 from comfy_api.latest import io
 
-from ..attention.tokens import CHUNK, SubjectTokens, prompt_tokens, resolve_subjects, token_table
+from ..attention.tokens import (
+    CHUNK,
+    SubjectTokens,
+    prompt_tokens,
+    resolve_subjects,
+    sentencepiece_as_bpe,
+    token_table,
+)
 from .sampling import COND_KEY
 
 NODE = "AttendExciteTextEncode"
 
 
-def _tokenizer_for(clip, tokens: dict):
-    """The family key ("l", "h", "g") whose token positions we read, and its ``SDTokenizer``."""
-    family = "l" if "l" in tokens else next(iter(tokens))
-    tok = getattr(clip.tokenizer, f"clip_{family}", None)
+def _clip_key(tokens: dict) -> str:
+    return "l" if "l" in tokens else next(k for k in tokens if k != "t5xxl")
+
+
+def token_stream(tokens: dict, num_keys: int) -> tuple[str, int]:
+    """``(tokenizer key, offset)`` of the stream whose tokens the subjects are found in, from the tokenizer output
+    and the number of keys the encoder returned:
+
+    - CLIP only (SD1.x, SD2.x, SDXL; SD3 without T5): the CLIP-L stream (CLIP-H, CLIP-G where it is alone), keys
+      ``77 * chunks`` at offset 0.
+    - Flux: the T5 tokens are the conditioning (CLIP-L gives only the pooled vector).
+    - SD3 with T5: the T5 stream, after the CLIP-L/G chunks. SD3 attends to both copies of each word; A&E excites
+      the T5 one because its prompt adherence comes mostly from T5 (SD3 paper, Esser et al. 2024, Sec. 5.3.2:
+      dropping T5 costs prompt following, little aesthetics). Without T5 the CLIP stream is read.
+    """
+    t5 = sum(len(c) for c in tokens.get("t5xxl", []))
+    clip = [k for k in tokens if k != "t5xxl"]
+    clip_keys = len(tokens[_clip_key(tokens)]) * CHUNK if clip else 0
+    if t5 and num_keys == t5:
+        return "t5xxl", 0
+    if t5 and clip and num_keys == clip_keys + t5:
+        return "t5xxl", clip_keys
+    if clip and num_keys == clip_keys:
+        return _clip_key(tokens), 0
+    raise ValueError(f"clip: the encoder returned {num_keys} keys for the tokenizer's "
+                     f"{', '.join(f'{k}: {sum(len(c) for c in v)}' for k, v in tokens.items())} tokens; this text "
+                     f"encoder is not supported (Attend-and-Excite reads CLIP and T5 streams).")
+
+
+def _tokenizer_for(clip, key: str):
+    tok = getattr(clip.tokenizer, "t5xxl" if key == "t5xxl" else f"clip_{key}", None)
     if tok is None or not hasattr(tok, "inv_vocab"):
-        raise ValueError(f"clip: this text encoder ({type(clip.tokenizer).__name__}) is not CLIP-L/H/G. "
-                         f"Attend-and-Excite supports the text encoders of SD1.x, SD2.x and SDXL checkpoints.")
-    return family, tok
+        raise ValueError(f"clip: this text encoder ({type(clip.tokenizer).__name__}) is not one Attend-and-Excite "
+                         f"reads: CLIP-L/H/G (SD1.x, SD2.x, SDXL) or T5 (Flux, SD3).")
+    return tok
 
 
 def _embedding_check(tok):
@@ -41,21 +75,21 @@ def encode_subjects(clip, text: str, subjects: str) -> tuple[list, str, SubjectT
     if clip is None:
         raise RuntimeError("clip is None: the checkpoint has no text encoder. Load one with a CLIP loader node.")
     tokens = clip.tokenize(text)
-    family, tok = _tokenizer_for(clip, tokens)
-    chunks = tokens[family]
+    conds = clip.encode_from_tokens_scheduled(tokens)
+    key, offset = token_stream(tokens, conds[0][0].shape[1])
+    tok = _tokenizer_for(clip, key)
+    chunks = tokens[key]
     specials = {t for t in (tok.start_token, tok.end_token) if t is not None}
-    ptoks = prompt_tokens(chunks, specials, lambda i: tok.inv_vocab.get(i, "?"))
+    ptoks = prompt_tokens(chunks, specials, lambda i: tok.inv_vocab.get(i, "?"), tok.start_token is not None, offset)
+    if key == "t5xxl":
+        ptoks = sentencepiece_as_bpe(ptoks)
 
     def encode_word(word: str) -> list[int]:
         ids = tok.tokenizer(word)["input_ids"]
         return [int(i) for i in ids[tok.tokens_start:] if i not in specials]
 
     indices, labels = resolve_subjects(subjects, ptoks, encode_word, _embedding_check(tok))
-    spec = SubjectTokens(tuple(indices), tuple(labels), tuple(t.index for t in ptoks), CHUNK * len(chunks), family)
-    conds = clip.encode_from_tokens_scheduled(tokens)
-    if conds and conds[0][0].shape[1] != spec.num_keys:
-        raise ValueError(f"clip: the encoder returned {conds[0][0].shape[1]} keys for {len(chunks)} chunks of "
-                         f"{CHUNK}; this text encoder is not supported.")
+    spec = SubjectTokens(tuple(indices), tuple(labels), tuple(t.index for t in ptoks), conds[0][0].shape[1], key)
     conds = [[c, {**d, COND_KEY: spec}] for c, d in conds]
     return conds, token_table(ptoks, indices), spec
 
@@ -71,8 +105,10 @@ class AttendExciteTextEncode(io.ComfyNode):
                         "Attend-and-Excite should excite. Use it as the positive prompt of the A&E samplers. "
                         "After a run the node shows the prompt's tokens, one per line, the excited ones marked.",
             inputs=[
-                io.Clip.Input("clip", tooltip="The text encoder of the checkpoint (CLIP-L for SD1.x, CLIP-H for "
-                                              "SD2.x, CLIP-L + CLIP-G for SDXL); the paper used SD 1.4's CLIP-L."),
+                io.Clip.Input("clip", tooltip="The text encoder of the model (CLIP-L for SD1.x, CLIP-H for SD2.x, "
+                                              "CLIP-L + CLIP-G for SDXL, CLIP-L + T5 for Flux, CLIP-L/G (+ T5) "
+                                              "for SD3); the paper used SD 1.4's CLIP-L. Subjects are found in T5's "
+                                              "tokens where the model attends to them (Flux, SD3 with T5)."),
                 io.String.Input("text", multiline=True, dynamic_prompts=True, default="a cat and a frog",
                                 tooltip="The prompt. Weights such as (frog:1.2) and embeddings work as usual. The "
                                         "paper's prompts name two subjects: 'a cat and a frog'."),

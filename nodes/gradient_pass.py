@@ -2,10 +2,10 @@
 ControlNet and other nodes' model patches apply) that captures the subject tokens' cross-attention maps and returns
 the objective and its gradient with respect to the latent.
 
-The layers that feed the loss are the cross-attention layers of the target level, found from the UNet's structure
-(:func:`level_keys`); every pass runs only up to the last of them. The first pass of a run is, on CUDA, the warm-up
-of the CUDA graph captured right after it; later passes are replayed from the graph where allowed, and the graph is
-kept with the model for later runs (:mod:`.graph_cache`).
+The layers that feed the loss are chosen by the model's family (:mod:`.families`: the cross-attention layers of one
+UNet level, or joint-attention blocks of Flux and SD3); every pass runs only up to the last of them. The first pass
+of a run is, on CUDA, the warm-up of the CUDA graph captured right after it; later passes are replayed from the
+graph where allowed (UNets), and the graph is kept with the model for later runs (:mod:`.graph_cache`).
 
 A pass (or capture) that runs out of memory is not the end of the run: A&E frees what it holds (the graph and its
 pool, the weight stand-ins), empties ComfyUI's cache and retries the pass eagerly (the lean form: an eager pass
@@ -19,7 +19,6 @@ import contextlib
 import copy
 import functools
 import logging
-import math
 
 import comfy.model_management
 import comfy.model_patcher
@@ -31,63 +30,11 @@ from comfy.ldm.modules import attention as comfy_attention
 from ..attention.guidance import AutogradWeights, CudaGraphBackend, GraphedPass, NoGradientError, loss_and_grad
 from ..attention.loss import attend_excite_objective
 from . import graph_cache
-from .capture import (
-    GradCapture,
-    LayerKey,
-    MapRecorder,
-    StopForward,
-    attn2_levels,
-    graph_safe_block_patches,
-    layer_name,
-    replaced_attn2,
-)
+from .capture import StopForward, graph_safe_block_patches
+from .families import JointReader, layer_label, reader_for
 from .pass_memory import GradientPassOutOfMemory, first_line, out_of_memory_message
 
 log = logging.getLogger(__name__)
-
-
-def _level(side: int, ds: int) -> int:
-    while ds > 1:
-        side, ds = math.ceil(side / 2), ds // 2
-    return side
-
-
-def target_resolution(latent_hw: tuple[int, int], attention_resolution: int) -> tuple[int, int]:
-    """Map side of the attention level to read: ``auto`` (0) = latent / 4, else the level whose longer side is
-    ``attention_resolution``."""
-    h, w = latent_hw
-    levels = [(_level(h, 2**k), _level(w, 2**k)) for k in range(7)]
-    if attention_resolution == 0:
-        return levels[2]
-    for hw in levels:
-        if max(hw) == attention_resolution:
-            return hw
-    raise ValueError(f"attention_resolution {attention_resolution} does not exist for a {h}x{w} latent; "
-                     f"levels are {sorted({max(x) for x in levels}, reverse=True)}. Use one of them or 0 (auto).")
-
-
-def select_blocks(keys: list[LayerKey], attention_blocks: str) -> list[LayerKey]:
-    """The cross-attention layers whose maps may feed the loss: ``all``, or ``down_mid`` (encoder and middle
-    block only, so the gradient pass never runs the decoder)."""
-    if attention_blocks == "down_mid":
-        return [k for k in keys if k[0] != "output"]
-    return list(keys)
-
-
-def level_keys(diffusion_model: torch.nn.Module, latent_hw: tuple[int, int], target_hw: tuple[int, int],
-               attention_blocks: str) -> list[LayerKey]:
-    """The cross-attention layers of the level whose maps are ``target_hw`` in an ordinary forward of a
-    ``latent_hw`` latent, by the UNet's structure: nodes that resize the hidden state (Deep Shrink) change the size
-    those layers see, not which layers they are (their maps are resized to ``target_hw``)."""
-    levels = attn2_levels(diffusion_model)
-    side = {v: (_level(latent_hw[0], 2**v), _level(latent_hw[1], 2**v)) for v in set(levels.values())}
-    keys = select_blocks([k for k, v in levels.items() if side[v] == tuple(target_hw)], attention_blocks)
-    if not keys:
-        sides = sorted({max(hw) for hw in side.values()}, reverse=True)
-        raise ValueError(f"no cross-attention layer works at {target_hw[0]}x{target_hw[1]}"
-                         f"{'' if attention_blocks == 'all' else ' in ' + attention_blocks}; this model has them at "
-                         f"{sides}. Set attention_resolution to one of those sides.")
-    return keys
 
 
 def _differentiable_attention(func, *args, **kwargs):
@@ -129,12 +76,6 @@ def _clone_after_skip(h: torch.Tensor, transformer_options: dict) -> torch.Tenso
     return h.clone()
 
 
-def _precision(attn_precision, dtype):
-    """A layer's attention precision after ComfyUI's ``--force-upcast-attention`` / ``--dont-upcast-attention``."""
-    resolve = getattr(comfy_attention, "get_attn_precision", None)
-    return attn_precision if resolve is None else resolve(attn_precision, dtype)
-
-
 def _holds_any(v) -> bool:
     """Whether a (nested) patch registry holds anything: empty dicts and lists inside do not count."""
     if isinstance(v, dict):
@@ -144,30 +85,21 @@ def _holds_any(v) -> bool:
     return v is not None
 
 
-def with_attn2_patches(model_options: dict, patch_for, keys: list[LayerKey]) -> dict:
-    """A copy of ``model_options`` with ``patch_for(key, inner)`` as the attn2 replace patch of each key; ``inner``:
-    another node's replace patch of that layer in ``model_options`` (or ``None``), which A&E's patch wraps."""
-    others = model_options
-    for key in keys:
-        patch = patch_for(key, replaced_attn2(others, key))
-        model_options = comfy.model_patcher.set_model_options_patch_replace(model_options, patch, "attn2", *key)
-    return model_options
-
-
 class GradientPasses:
     """``passes(x, sigma) -> (loss (B,), maxima (B, S), dL/dx)`` for one sampling run; nothing outlives the run.
 
     ``subjects``: the run's :class:`~nodes.subjects.RunSubjects` (cond, token indices, slots); ``params``: the
     sampler's ``AEParams``."""
 
-    def __init__(self, base_model, subjects, params, target_hw: tuple[int, int], model_options: dict,
-                 graph_backend=None, *, latent_hw: tuple[int, int]) -> None:
+    def __init__(self, base_model, subjects, params, model_options: dict, graph_backend=None, *,
+                 latent_hw: tuple[int, int]) -> None:
         self.base, self.subjects, self.params = base_model, subjects, params
-        self.target_hw = target_hw
+        self.reader = reader_for(base_model, params, latent_hw, subjects.spec.num_keys)  # the model family's layers
+        self.target_hw = self.reader.target_hw
         self.model_options = model_options
         self.graph_backend = graph_backend if graph_backend is not None else CudaGraphBackend()
-        self.keys = level_keys(self.base.diffusion_model, latent_hw, target_hw, params.attention_blocks)
-        self.target_keys: list[LayerKey] | None = None  # set by the first pass
+        self.keys = self.reader.keys
+        self.target_keys: list | None = None  # set by the first pass
         self.weights: AutogradWeights | None = None  # made by the first pass (plain runs copy nothing)
         self.graphed: GraphedPass | None = None
         self.cond: dict | None = None  # the subjects' cond with its model inputs on the model's device
@@ -178,7 +110,7 @@ class GradientPasses:
 
     # ---- the options of a pass ----
 
-    def _options(self, patch_for, keys: list[LayerKey], grad: bool) -> dict:
+    def _options(self, capture, keys: list, grad: bool) -> dict:
         mo = dict(self.model_options)
         mo["transformer_options"] = to = dict(mo.get("transformer_options", {}))
         if grad:
@@ -190,29 +122,33 @@ class GradientPasses:
                 patches["input_block_patch_after_skip"] = [*patches.get("input_block_patch_after_skip", []),
                                                            _clone_after_skip]
                 to["patches"] = patches
-        return with_attn2_patches(mo, patch_for, keys)
+        return self.reader.install(mo, capture, keys)
 
-    def recording_options(self, recorder: MapRecorder) -> dict:
+    def recording_options(self, recorder) -> dict:
         """The run's model options with ``recorder``'s patches on the layers that may feed the loss."""
-        return self._options(recorder.patch, self.keys, grad=False)
+        return self._options(recorder, self.keys, grad=False)
 
-    def map_recorder(self, record, sigma_values: list[float]) -> MapRecorder:
-        return MapRecorder(record, self.target_hw, sigma_values, comfy_attention.optimized_attention, _precision,
-                           self.keys)
+    def map_recorder(self, record, sigma_values: list[float]):
+        return self.reader.recorder(record, sigma_values)
 
-    def _forward(self, keys: list[LayerKey]):
+    def _forward(self, keys: list):
         """``(capture, forward)``: ``forward(leaf, sigma) -> (loss, maxima)`` runs the cond-only pass with ``capture``'s
         patches on ``keys``, stopped after the last of them."""
-        capture = GradCapture(self.target_hw, keys[-1] if keys else None, comfy_attention.optimized_attention,
-                              _precision, keys)
-        mo, p, s, cond = self._options(capture.patch, keys, grad=True), self.params, self.subjects, self.cond
+        capture = self.reader.grad_capture(keys)
+        mo, p, s, cond = self._options(capture, keys, grad=True), self.params, self.subjects, self.cond
 
         def forward(leaf: torch.Tensor, sigma: torch.Tensor):
             try:
-                comfy.samplers.calc_cond_batch(self.base, [[cond]], leaf, sigma * leaf.new_ones(leaf.shape[0]), mo)
+                with self.reader.pass_context():
+                    comfy.samplers.calc_cond_batch(self.base, [[cond]], leaf, sigma * leaf.new_ones(leaf.shape[0]),
+                                                   mo)
             except StopForward:
                 pass
             if not capture.maps:
+                if isinstance(self.reader, JointReader):
+                    raise ValueError(f"no attention call of the {self.reader.family.name} blocks {keys} held the "
+                                     f"prompt's {s.spec.num_keys} text tokens; is the conditioning from this model's "
+                                     f"text encoder?")
                 seen = sorted({f"{h}x{w}" for h, w in capture.seen.values()})
                 raise ValueError(f"no cross-attention layer works at {self.target_hw[0]}x"
                                  f"{self.target_hw[1]}; this model has {seen}. Set attention_resolution to one "
@@ -271,7 +207,7 @@ class GradientPasses:
                             type(e).__name__, e)
                 blockers, out = ["the warm-up failed"], run_pass()
         self.target_keys = list(self.keys)
-        log.debug("%s: A&E reads %s", self.params.node, [layer_name(k) for k in self.target_keys])
+        log.debug("%s: A&E reads %s", self.params.node, [layer_label(k) for k in self.target_keys])
         if blockers:
             log.info("%s: gradient passes run eagerly (no CUDA graph): %s", self.params.node, "; ".join(blockers))
         elif self.target_keys:
@@ -328,7 +264,8 @@ class GradientPasses:
         self.release()
         raise GradientPassOutOfMemory(out_of_memory_message(self.params.node, tuple(x.shape),
                                                             self.params.attention_blocks, self.target_hw,
-                                                            self._finest_encoder_side(x), error))
+                                                            self.reader.finest_encoder_side(x.shape[-2:]), error,
+                                                            self.reader.joint_name))
 
     def release(self, passes: bool = True) -> None:
         """Free what A&E holds for the gradient passes: the graph and its memory pool (also the one the model keeps
@@ -345,10 +282,6 @@ class GradientPasses:
         kept with the model stays there."""
         self.graphed, self.weights, self.cond = None, None, None
 
-    def _finest_encoder_side(self, x: torch.Tensor) -> int | None:
-        levels = [v for k, v in attn2_levels(self.base.diffusion_model).items() if k[0] == "input"]
-        return max(_level(n, 2 ** min(levels)) for n in x.shape[-2:]) if levels else None
-
     # ---- when a CUDA graph may replay the pass ----
 
     def _hooked(self) -> bool:
@@ -364,6 +297,8 @@ class GradientPasses:
         out, cond = [], self.subjects.cond
         if not self.params.cuda_graph:
             out.append("cuda_graph is off")
+        if isinstance(self.reader, JointReader):
+            out.append(f"{self.reader.family.name} (CUDA graphs are used on UNets only)")
         device = self.graph_backend.blocker(x.device)
         if device is not None:
             out.append(device)

@@ -14,7 +14,7 @@ from typing import Any
 
 from comfy_api.latest import io
 
-from ..attention.inputs import choice_problem, number_problem, odd_problem, verdict
+from ..attention.inputs import choice_problem, joint_blocks_problem, number_problem, odd_problem, verdict
 from .sampling import BLOCK_CHOICES, TOKEN_SLOT_MODES, AEParams
 
 NODE = "AttendExciteOptions"
@@ -35,6 +35,7 @@ class AEOptions:
     record_maps: bool = _DEFAULT["record_maps"]
     attention_blocks: str = _DEFAULT["attention_blocks"]
     cuda_graph: bool = _DEFAULT["cuda_graph"]
+    joint_blocks: str = _DEFAULT["joint_blocks"]
 
 
 OPTION_NAMES = tuple(f.name for f in fields(AEOptions))
@@ -78,6 +79,12 @@ def option_inputs() -> list:
                                  "the same arithmetic without Python overhead (about 3x faster passes). Ignored on "
                                  "CPU; off by itself with ControlNet, hook keyframes, timestep ranges or other "
                                  "nodes' model patches (the log says why). Turn off to rule it out when debugging."),
+        io.String.Input("joint_blocks", default=d.joint_blocks,
+                        tooltip="Flux and SD3: the joint-attention blocks whose maps feed the loss; the gradient pass "
+                                "stops after the last. auto: Flux's 19 double-stream blocks, SD3's middle range "
+                                "(blocks n/4 to n/2-1, 6-11 of 24). all, double, single (Flux), or block numbers in "
+                                "execution order such as 6-11 (Flux's single blocks come after the double ones). "
+                                "Ignored on UNets. Defaults not yet validated on real weights."),
     ]
 
 
@@ -125,7 +132,8 @@ def checked_options(values: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{name} = {value!r} is not a {_KIND.get(type(specs[name]), 'valid value')}. "
                              f"Give one, or leave it out for the default.") from None
     problem = verdict(*widget_problems(list(specs.values()), out),
-                      odd_problem("kernel_size", out["kernel_size"]) if "kernel_size" in out else None)
+                      odd_problem("kernel_size", out["kernel_size"]) if "kernel_size" in out else None,
+                      joint_blocks_problem(out["joint_blocks"]) if "joint_blocks" in out else None)
     if problem is not True:
         raise ValueError(problem)
     return out
@@ -168,7 +176,8 @@ class AttendExciteOptions(io.ComfyNode):
             display_name="Attend-and-Excite Options",
             category="attend_excite",
             description="Expert settings of the Attend-and-Excite samplers: refinement cap, smoothing, the "
-                        "attention level and layers read, token slots, recorded maps, CUDA graphs. Connect it to "
+                        "attention level and layers read (joint blocks on Flux and SD3), token slots, recorded "
+                        "maps, CUDA graphs. Connect it to "
                         "a sampler's options input; without it the samplers use these defaults (the paper's).",
             inputs=option_inputs(),
             outputs=[AEOptionsType.Output(display_name="options",
@@ -178,11 +187,13 @@ class AttendExciteOptions(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, kernel_size: int | None = None, smoothing_sigma: float | None = None,
-                        token_slots: str | None = None, attention_blocks: str | None = None) -> bool | str:
+                        token_slots: str | None = None, attention_blocks: str | None = None,
+                        joint_blocks: str | None = None) -> bool | str:
         values = {"kernel_size": kernel_size, "smoothing_sigma": smoothing_sigma, "token_slots": token_slots,
                   "attention_blocks": attention_blocks}
         return verdict(*widget_problems(option_inputs(), values),
-                       odd_problem("kernel_size", kernel_size) if kernel_size is not None else None)
+                       odd_problem("kernel_size", kernel_size) if kernel_size is not None else None,
+                       joint_blocks_problem(joint_blocks) if joint_blocks is not None else None)
 
     @classmethod
     def execute(cls, **values) -> io.NodeOutput:

@@ -18,12 +18,18 @@ def first_line(e: BaseException) -> str:
 
 
 def out_of_memory_message(node: str, latent_shape: tuple[int, ...], attention_blocks: str,
-                          target_hw: tuple[int, int], finest_side: int | None, error: str) -> str:
+                          target_hw: tuple[int, int], finest_side: int | None, error: str,
+                          joint_family: str | None = None) -> str:
     """The message of :class:`GradientPassOutOfMemory`. ``finest_side``: the side of the finest attention level
-    with encoder layers (``attention_resolution`` there and ``down_mid`` stop the pass soonest)."""
+    with encoder layers (``attention_resolution`` there and ``down_mid`` stop the pass soonest). ``joint_family``:
+    the model's joint-attention family (Flux, SD3), whose pass stops after the last of the ``joint_blocks``."""
     batch, (h, w) = latent_shape[0], latent_shape[-2:]
     changes = []
-    if attention_blocks == "all":
+    if joint_family is not None:
+        changes.append(f"joint_blocks on the Attend-and-Excite Options node to fewer, earlier blocks ({joint_family}: "
+                       f"the pass stops after the last block read)")
+        attention_blocks = "joint blocks"
+    elif attention_blocks == "all":
         changes.append("attention_blocks = down_mid on the Attend-and-Excite Options node (the pass stops before the "
                        "decoder: about half of its memory on SDXL)")
     if finest_side is not None and finest_side > max(target_hw):

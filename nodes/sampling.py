@@ -3,7 +3,8 @@
 The wrapped sampler runs once over the whole schedule, so its multistep history, ancestral noise and SDE noise are
 its own. At the first model evaluation of each guided step (found by :mod:`.sampler_steps`), the latent it is about
 to evaluate gets the paper's update in place: a gradient pass, iterative refinement where the schedule asks for it,
-and the step ``x <- x - alpha (sigma^2 + sigma_data^2) grad_x L``.
+and the step ``x <- x - alpha c(sigma)^2 grad_x L`` (:mod:`attention.step`: ``c^2 = sigma^2 + sigma_data^2`` for
+EPS/v models, ``(1 - sigma)^2 + sigma^2`` for flow matching).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import comfy.samplers
 import comfy.utils
 import torch
 
+from ..attention.inputs import joint_blocks_problem
 from ..attention.loss import below_threshold, slot_mask
 from ..attention.record import AttentionRecord
 from ..attention.schedule import DEFAULT_REFINEMENT, GuidanceSchedule, build_schedule, parse_refinement
 from ..attention.step import guarded_step
 from ..attention.tokens import SubjectTokens
-from .gradient_pass import GradientPasses, target_resolution
+from .families import flow_matching
+from .gradient_pass import GradientPasses
 from .sampler_steps import GuidedModel, SamplerNotGuidable, step_starts
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ class AEParams:
     smoothing_sigma: float = 0.5
     attention_resolution: int = 0  # 0 = auto: the level at latent size / 4
     attention_blocks: str = "all"  # "down_mid": only the encoder and middle layers; the pass stops before the decoder
+    joint_blocks: str = "auto"  # Flux / SD3: the joint-attention blocks read (auto = the family's default)
     token_slots: str = "auto"
     record_maps: bool = True
     cuda_graph: bool = True  # replay the gradient pass from a CUDA graph where that is safe
@@ -61,6 +65,9 @@ class AEParams:
             raise ValueError(f"attention_blocks must be one of {BLOCK_CHOICES}.")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError("kernel_size must be odd (the paper uses 3).")
+        problem = joint_blocks_problem(self.joint_blocks)
+        if problem:
+            raise ValueError(problem)
 
     def schedule(self, num_steps: int) -> GuidanceSchedule:
         return build_schedule(num_steps, self.guided_fraction, self.scale_factor, (self.scale_start, self.scale_end),
@@ -91,7 +98,7 @@ def run_subjects(guider, params: AEParams) -> RunSubjects:
     spec: SubjectTokens = positive[0][COND_KEY]
     mode = params.token_slots
     if mode == "auto":
-        mode = "prompt" if spec.family == "h" else "all_but_bos_last"
+        mode = "prompt" if spec.family in ("h", "t5xxl") else "all_but_bos_last"
     return RunSubjects(positive[0], spec, slot_mask(spec.num_keys, mode, spec.prompt_positions))
 
 
@@ -120,6 +127,7 @@ class GuidedStep:
     alpha: float
     sigma: torch.Tensor  # 0-dim
     sigma_data: float
+    flow: bool  # flow-matching model (Flux, SD3): the step's flow scale (attention.step)
     index: int
     progress: PassProgress
     count: int = 0  # gradient passes taken
@@ -137,7 +145,7 @@ class GuidedStep:
     def update(self, x: torch.Tensor, grad: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         """``z <- z - alpha grad_z L`` in ComfyUI's x-space, for the samples in ``moving`` ``(B,)`` whose step is
         finite (the others keep ``x`` and are marked in ``skipped``)."""
-        x, skipped = guarded_step(x, grad, self.alpha * moving.float(), self.sigma, self.sigma_data)
+        x, skipped = guarded_step(x, grad, self.alpha * moving.float(), self.sigma, self.sigma_data, self.flow)
         self.skipped = skipped | self.skipped
         return x
 
@@ -205,9 +213,8 @@ def start_run(model, x, sigmas, extra_args: dict, params: AEParams, record: Atte
     ``extra_args``' model options (a copy)."""
     subjects = run_subjects(model.inner_model, params)
     latent_hw = tuple(x.shape[-2:])
-    passes = GradientPasses(model.inner_model.inner_model, subjects, params,
-                            target_resolution(latent_hw, params.attention_resolution),
-                            extra_args.get("model_options", {}), graph_backend, latent_hw=latent_hw)
+    passes = GradientPasses(model.inner_model.inner_model, subjects, params, extra_args.get("model_options", {}),
+                            graph_backend, latent_hw=latent_hw)
     if record is not None:
         record.reset(subjects=subjects.indices, labels=subjects.spec.labels, slots=subjects.slots,
                      smoothing=params.smoothing, kernel_size=params.kernel_size,
@@ -237,12 +244,13 @@ class GuidedRun:
         except SamplerNotGuidable as e:
             raise ValueError(f"{e}. Choose another sampler (e.g. dpmpp_2m, euler_ancestral) or set scale_factor "
                              f"to 0.") from None
-        sigma_data = float(getattr(model.inner_model.inner_model.model_sampling, "sigma_data", 1.0))
+        sampling = model.inner_model.inner_model.model_sampling
+        sigma_data, flow = float(getattr(sampling, "sigma_data", 1.0)), flow_matching(sampling)
         progress = PassProgress(self.sched.num_steps, self.params.max_refinement_steps)
 
         def edit(i: int, latent: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             step = GuidedStep(self.passes, self.params, self.record, self.sched.step_sizes[i], sigma.reshape(-1)[0],
-                              sigma_data, i, progress)
+                              sigma_data, flow, i, progress)
             out = attend_and_excite(step, latent, self.sched.refinement.get(i))
             self.count += step.count
             self.skipped = self.skipped + step.skipped

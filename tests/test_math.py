@@ -53,8 +53,11 @@ def test_slot_mask_official_sd1_and_prompt_modes():
     assert m2.sum() == 150 and not m2[77] and not m2[153] and m2[78]
     p = slot_mask(77, "prompt", [1, 2, 3])
     assert p.nonzero().flatten().tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="77-token CLIP chunks"):
+        slot_mask(76, "all_but_bos_last")
+    assert slot_mask(256, "prompt", [0, 3]).nonzero().flatten().tolist() == [0, 3]  # a T5 stream: any length
     with pytest.raises(ValueError):
-        slot_mask(76, "prompt", [1])
+        slot_mask(0, "prompt", [1])
     with pytest.raises(ValueError):
         slot_mask(77, "nope")
 

@@ -61,8 +61,9 @@ def test_sampler_nodes_are_lean_and_keep_the_earlier_order(pack):
     for node in (ks, sampler):
         names = [i.id for i in node.define_schema().inputs]
         assert "cuda_graph" not in names and "smoothing" not in names and names[-1] == "options"
-    assert list(pack.options.OPTION_NAMES) == EARLIER_KSAMPLER[11:]
-    assert widget_names(pack.options.AttendExciteOptions) == EARLIER_KSAMPLER[11:]
+    # the Options node keeps the earlier order; settings added since come after it
+    assert list(pack.options.OPTION_NAMES) == [*EARLIER_KSAMPLER[11:], "joint_blocks"]
+    assert widget_names(pack.options.AttendExciteOptions) == [*EARLIER_KSAMPLER[11:], "joint_blocks"]
 
 
 def test_validation_refuses_bad_values_without_a_model(pack):

@@ -1,0 +1,168 @@
+"""Joint-attention capture (Flux, SD3) through ``transformer_options["optimized_attention_override"]``: ComfyUI
+routes every ``optimized_attention`` call of these models through it (``comfy/ldm/modules/attention.py``,
+``wrap_attn``), with the call's ``transformer_options``.
+
+- :class:`JointGradCapture`: the gradient pass. On the blocks that feed the loss it computes the image x text
+  probabilities (:func:`attention.joint.text_probabilities`: chunked, never the full matrix) in the autograd graph
+  and stops the forward after the last of them; every other call runs PyTorch's attention (it has a backward).
+- :class:`JointRecorder`: the ordinary denoising passes. The output is the attention ComfyUI (or another node's
+  override, kept as ``inner``) computes, so plain sampling stays bit-identical; the cond branch's probabilities are
+  computed on the side without gradients.
+
+Which block a call belongs to comes from the family (:mod:`.families`): ComfyUI tags Flux's blocks in
+``transformer_options``; SD3's joint blocks are counted per model call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+
+import comfy.model_patcher
+import torch
+from comfy.ldm.modules import attention as comfy_attention
+
+from ..attention.joint import apply_rope, split_heads, text_probabilities, token_ranges
+from .capture import MapRecorder, StopForward
+
+BlockKey = tuple[str, int]  # ("double", i), ("single", i) (Flux) or ("joint", i) (SD3)
+ROPE_KEY = "attend_excite_rope"  # transformer_options entry: the block's rotary embedding, applied by the capture
+
+
+def _clone_activation(t: torch.Tensor) -> torch.Tensor:
+    return t.clone() if t.requires_grad else t
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def safe_in_place_updates():
+    """The context of a joint model's gradient pass: Flux's blocks update their hidden states in place
+    (``img += ...``) after saving them for the backward, which autograd refuses. The activations saved in the graph
+    are cloned when saved (weights and other tensors without a gradient are not), so the backward sees the values the
+    forward used."""
+    return torch.autograd.graph.saved_tensors_hooks(_clone_activation, _unpack)
+
+
+def _rope_outside(inner: Callable | None) -> Callable:
+    """A ``dit`` block replace patch that runs the block without its rotary embedding and hands the embedding to
+    the capture in ``transformer_options`` (:data:`ROPE_KEY`), which applies it with a backward
+    (:func:`attention.joint.apply_rope`). ``inner``: another node's replace patch of the block, which still runs."""
+    def block(args: dict, extra: dict):
+        args = {**args, "pe": None, "transformer_options": {**args["transformer_options"], ROPE_KEY: args["pe"]}}
+        return inner(args, extra) if inner is not None else extra["original_block"](args)
+
+    return block
+
+
+def with_differentiable_rope(model_options: dict, blocks: list[tuple[str, int]]) -> dict:
+    """A copy of ``model_options`` whose ``dit`` blocks ``(replace name, index)`` apply their rotary embedding in
+    the capture (:func:`_rope_outside`)."""
+    for name, i in blocks:
+        replaced = model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+        model_options = comfy.model_patcher.set_model_options_patch_replace(
+            model_options, _rope_outside(replaced.get((name, i))), "dit", name, i)
+    return model_options
+
+
+def block_name(key: BlockKey) -> str:
+    return f"{key[0]}.{key[1]}"
+
+
+def attention_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, int, bool, torch.Tensor | None]:
+    """``(q, k, heads, skip_reshape, mask)`` of an ``optimized_attention(q, k, v, heads, mask=..., ...)`` call."""
+    heads = args[3] if len(args) > 3 else kwargs["heads"]
+    mask = args[4] if len(args) > 4 else kwargs.get("mask")
+    return args[0], args[1], int(heads), bool(kwargs.get("skip_reshape", False)), mask
+
+
+class _JointReader:
+    """What both captures share: which calls are joint, which block they are, where text and image sit."""
+
+    def __init__(self, family, diffusion_model, keys: Collection[BlockKey], n_text: int,
+                 grid: tuple[int, int]) -> None:
+        self.family, self.dm = family, diffusion_model
+        self.keys = frozenset(keys)
+        self.n_text, self.grid = n_text, tuple(grid)
+        self._call: dict | None = None  # the transformer_options of the current model call (SD3's block count)
+        self._count = 0
+
+    def _block(self, to: dict, n: int) -> BlockKey | None:
+        if n <= self.grid[0] * self.grid[1]:
+            return None  # image-only attention (SD3.5's second attention in a block)
+        if to is not self._call:
+            self._call, self._count = to, 0
+        self._count += 1
+        return self.family.block_of(to, self._count - 1)
+
+    def probabilities(self, key: BlockKey, q, k, heads: int, skip_reshape: bool, mask) -> torch.Tensor:
+        """``(B, gh, gw, T)`` image x text probabilities of block ``key``, averaged over heads."""
+        qh, kh = split_heads(q, heads, skip_reshape), split_heads(k, heads, skip_reshape)
+        image, text = token_ranges(kh.shape[-2], self.n_text, self.family.text_first(self.dm, key))
+        probs = text_probabilities(qh, kh, image, text, mask)
+        return probs.reshape(probs.shape[0], *self.grid, self.n_text)
+
+    def fits(self, n: int) -> bool:
+        return n == self.n_text + self.grid[0] * self.grid[1]
+
+
+class JointGradCapture(_JointReader):
+    """Collects the maps of one gradient pass; raises :class:`StopForward` after block ``stop_after``."""
+
+    def __init__(self, family, diffusion_model, keys, n_text, grid, stop_after: BlockKey | None) -> None:
+        super().__init__(family, diffusion_model, keys, n_text, grid)
+        self.stop_after = stop_after
+        self.maps: dict[BlockKey, torch.Tensor] = {}
+        self.seen: dict[BlockKey, tuple[int, int]] = {}
+
+    def override(self, func, *args, **kwargs):
+        to = kwargs.get("transformer_options") or {}
+        if to.get(ROPE_KEY) is not None:
+            args = (*apply_rope(args[0], args[1], to[ROPE_KEY]), *args[2:])
+        q, k, heads, skip_reshape, mask = attention_args(args, kwargs)
+        n = k.shape[-2]
+        key = self._block(to, n)
+        if key in self.keys:
+            if not self.fits(n):
+                raise ValueError(f"the model attends over {n} tokens, not the prompt's {self.n_text} text tokens and "
+                                 f"{self.grid[0]}x{self.grid[1]} image tokens: reference latents (Kontext) and "
+                                 f"other extra tokens are not supported by Attend-and-Excite.")
+            self.seen[key] = self.grid
+            self.maps[key] = self.probabilities(key, q, k, heads, skip_reshape, mask)
+        if key is not None and key == self.stop_after:
+            raise StopForward()  # nothing later in the model changes the maps
+        return comfy_attention.attention_pytorch(*args, **kwargs)
+
+    def aggregate(self) -> torch.Tensor:
+        if not self.maps:
+            raise RuntimeError("no joint-attention block was captured")
+        return torch.stack(list(self.maps.values())).mean(0)
+
+
+class JointRecorder(MapRecorder, _JointReader):
+    """Records cond-branch maps of the read blocks during the ordinary sampling passes."""
+
+    def __init__(self, record, family, diffusion_model, keys, n_text, grid, sigma_values: list[float],
+                 inner: Callable | None = None) -> None:
+        MapRecorder.__init__(self, record, tuple(grid), sigma_values, None)
+        _JointReader.__init__(self, family, diffusion_model, keys, n_text, grid)
+        self.inner = inner  # another node's override, whose output the model keeps
+
+    def override(self, func, *args, **kwargs):
+        out = self.inner(func, *args, **kwargs) if self.inner is not None else func(*args, **kwargs)
+        q, k, heads, skip_reshape, mask = attention_args(args, kwargs)
+        to = kwargs.get("transformer_options") or {}
+        key = self._block(to, k.shape[-2])
+        if key not in self.keys or not self.fits(k.shape[-2]):
+            return out  # not read, or text repeated to batch with a longer prompt: no map for this call
+        step = self._step(to)
+        chunks = to.get("cond_or_uncond") or [0]
+        if step is None or 0 not in chunks:
+            return out
+        size = q.shape[0] // len(chunks)
+        rows = slice(chunks.index(0) * size, (chunks.index(0) + 1) * size)
+        with torch.no_grad():
+            probs = self.probabilities(key, q[rows], k[rows], heads, skip_reshape,
+                                       mask if mask is None or mask.ndim < 3 or mask.shape[0] == 1 else mask[rows])
+        self.record.add_map(step, block_name(key), probs)
+        return out
