@@ -22,9 +22,10 @@ def _clip_key(tokens: dict) -> str:
     return "l" if "l" in tokens else next(k for k in tokens if k != "t5xxl")
 
 
-def token_stream(tokens: dict, num_keys: int) -> tuple[str, int]:
+def token_stream(tokens: dict, num_keys: int, has_t5: bool = True) -> tuple[str, int]:
     """``(tokenizer key, offset)`` of the stream whose tokens the subjects are found in, from the tokenizer output
-    and the number of keys the encoder returned:
+    and the number of keys the encoder returned (``has_t5``: whether the text encoder has a T5 model; SD3's
+    tokenizer makes T5 tokens also when it has none):
 
     - CLIP only (SD1.x, SD2.x, SDXL; SD3 without T5): the CLIP-L stream (CLIP-H, CLIP-G where it is alone), keys
       ``77 * chunks`` at offset 0.
@@ -33,7 +34,7 @@ def token_stream(tokens: dict, num_keys: int) -> tuple[str, int]:
       the T5 one because its prompt adherence comes mostly from T5 (SD3 paper, Esser et al. 2024, Sec. 5.3.2:
       dropping T5 costs prompt following, little aesthetics). Without T5 the CLIP stream is read.
     """
-    t5 = sum(len(c) for c in tokens.get("t5xxl", []))
+    t5 = sum(len(c) for c in tokens.get("t5xxl", [])) if has_t5 else 0
     clip = [k for k in tokens if k != "t5xxl"]
     clip_keys = len(tokens[_clip_key(tokens)]) * CHUNK if clip else 0
     if t5 and num_keys == t5:
@@ -76,7 +77,8 @@ def encode_subjects(clip, text: str, subjects: str) -> tuple[list, str, SubjectT
         raise RuntimeError("clip is None: the checkpoint has no text encoder. Load one with a CLIP loader node.")
     tokens = clip.tokenize(text)
     conds = clip.encode_from_tokens_scheduled(tokens)
-    key, offset = token_stream(tokens, conds[0][0].shape[1])
+    has_t5 = getattr(getattr(clip, "cond_stage_model", None), "t5xxl", None) is not None
+    key, offset = token_stream(tokens, conds[0][0].shape[1], has_t5)
     tok = _tokenizer_for(clip, key)
     chunks = tokens[key]
     specials = {t for t in (tok.start_token, tok.end_token) if t is not None}
