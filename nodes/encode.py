@@ -31,8 +31,9 @@ def token_stream(tokens: dict, num_keys: int, has_t5: bool = True) -> tuple[str,
       ``77 * chunks`` at offset 0.
     - Flux: the T5 tokens are the conditioning (CLIP-L gives only the pooled vector).
     - SD3 with T5: the T5 stream, after the CLIP-L/G chunks. SD3 attends to both copies of each word; A&E excites
-      the T5 one because its prompt adherence comes mostly from T5 (SD3 paper, Esser et al. 2024, Sec. 5.3.2:
-      dropping T5 costs prompt following, little aesthetics). Without T5 the CLIP stream is read.
+      the T5 one because the SD3 paper finds T5 carries the prompt adherence on complex prompts (Esser et al.
+      2024, "flexible text encoders": without T5 aesthetics hold, complex prompts suffer). Without T5 the CLIP
+      stream is read.
     """
     t5 = sum(len(c) for c in tokens.get("t5xxl", [])) if has_t5 else 0
     clip = [k for k in tokens if k != "t5xxl"]
