@@ -6,14 +6,17 @@
 #   .whl/      wheels of torchsde, trampoline and diffusers (installed here into /tmp/site, no network needed)
 #   .comfyui/  the ComfyUI 0.3.75 source (scripts/bootstrap.sh creates it)
 #
-#   [BENCH_COMMIT=<sha>] bash benchmarks/run_gpu.sh [all|headline|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs]
+#   [BENCH_COMMIT=<sha>] bash benchmarks/run_gpu.sh [all|headline|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs|dit]
 #
 # "headline": sdxl batch 1, then sd15 batch 1 (+ diffusers): the speed and memory targets of docs/performance.md (~4-5 min).
 # Order under "all", each part only while the budget allows: sd15 batch 1 (+ diffusers), sdxl batch 1 (50 steps
 # each); "passes": benchmarks/pass_timing.py (one gradient pass vs one plain step on the real SD1.5 and SDXL UNets,
 # cuDNN benchmark mode off and on, with per-pass operator profiles; about 1-2 minutes); "graphs": pass_timing.py
 # --graph (the eager pass vs the same pass replayed from a CUDA graph); then sdxl batch 1 with
-# attention_blocks=down_mid, sd15 batch 4 (+ diffusers), sd15 batch 1 with down_mid.
+# attention_blocks=down_mid, sd15 batch 4 (+ diffusers), sd15 batch 1 with down_mid; last "dit":
+# benchmarks/dit_bench.py, Flux.1 and SD3.5 medium at full size, 1024², DIT_STEPS (28) steps, plain vs A&E without
+# refinement, DIT_REPEATS (1) timed runs each after a DIT_WARMUP_STEPS (8) warm-up (about 2-3 minutes; rows in
+# dit_results.jsonl and dit_table.md).
 # Results go to $OUT (default ./bench_out): results.jsonl (one JSON object per measurement), table.md, bench.log,
 # pass_timing.jsonl, pass_table.md, graph_timing.jsonl, graph_table.md, and profiles.tgz (the profile folders).
 # Environment: REPEATS (3), WARMUP_STEPS (= STEPS; the untimed warm-up run per measurement), BENCH_BUDGET_S (520: no
@@ -40,8 +43,8 @@ LOG="$OUT/bench.log"
 : > "$LOG"
 rm -f "$OUT/results.jsonl"
 
-case "$PART" in all|headline|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs) ;;
-  *) echo "unknown part '$PART' (all|headline|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs)" >&2; exit 2 ;; esac
+case "$PART" in all|headline|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs|dit) ;;
+  *) echo "unknown part '$PART' (all|headline|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs|dit)" >&2; exit 2 ;; esac
 EXTRA=(--weights "${WEIGHTS:-reference}" --cuda-graph "${CUDA_GRAPH:-on}" --order "${ORDER:-interleaved}")
 if [ "${CHECK_GRAPH:-1}" = 1 ]; then EXTRA+=(--check-graph); fi
 if [ "${RECORD_MAPS:-0}" = 1 ]; then EXTRA+=(--record-maps); fi
@@ -106,6 +109,16 @@ graphs() {
     || { echo "pass_timing.py --graph exited with $?" | tee -a "$LOG" >&2; RC=1; }
 }
 
+# Flux.1 and SD3.5 medium (joint attention): their own rows, their own files
+dit() {
+  budget_left 60 "dit_bench.py" || return
+  rm -f "$OUT/dit_results.jsonl"
+  timeout "$LEFT" python3 benchmarks/dit_bench.py --device "$DEVICE" --arch flux,sd35m --steps "${DIT_STEPS:-28}" \
+    --repeats "${DIT_REPEATS:-1}" --warmup-steps "${DIT_WARMUP_STEPS:-8}" --budget-s "$LEFT" \
+    --comfy-root "$COMFYUI_ROOT" --out "$OUT/dit_results.jsonl" --markdown "$OUT/dit_table.md" > /dev/null 2>> "$LOG" \
+    || { echo "dit_bench.py exited with $?" | tee -a "$LOG" >&2; RC=1; }
+}
+
 case "$PART" in headline) bench --arch sdxl --batch 1 ;; esac  # first: the target never measured with the graph
 case "$PART" in all|headline|sd15|sd15-b1) bench --arch sd15 --batch 1 --diffusers ;; esac
 case "$PART" in all|sdxl) bench --arch sdxl --batch 1 ;; esac
@@ -114,6 +127,7 @@ case "$PART" in all|graphs) graphs ;; esac
 case "$PART" in all|sdxl-down-mid) bench --arch sdxl --batch 1 --blocks down_mid ;; esac
 case "$PART" in all|sd15|sd15-b4) bench --arch sd15 --batch 4 --diffusers ;; esac
 case "$PART" in all|sd15-down-mid) bench --arch sd15 --batch 1 --blocks down_mid ;; esac
+case "$PART" in all|dit) dit ;; esac
 
 # the profile folders go into one archive, so that the results folder holds few files
 PROFILES=()
@@ -126,5 +140,5 @@ echo "== done after $(( $(date +%s) - START ))s, rc=$RC" >> "$LOG"
 grep -E "WARNING ae_|ERROR|Error|Traceback|budget|exited" "$LOG" | tail -n 40
 echo
 if [ -s "$OUT/table.md" ]; then cat "$OUT/table.md"; else echo "no bench.py results"; fi
-for f in pass_table.md graph_table.md; do if [ -s "$OUT/$f" ]; then echo; cat "$OUT/$f"; fi; done
+for f in pass_table.md graph_table.md dit_table.md; do if [ -s "$OUT/$f" ]; then echo; cat "$OUT/$f"; fi; done
 exit $RC
