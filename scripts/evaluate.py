@@ -6,9 +6,13 @@ Usage::
         --prompts data/ae_benchmark_prompts.json --seeds 64 --out eval/ [--subsets animals] [--limit 10] \\
         [--clip /models/clip-vit-base-patch16] [--blip /models/blip-image-captioning-base]
 
+    python scripts/evaluate.py --family flux --checkpoint flux1-dev.safetensors --steps 28 --size 1024 ...
+    python scripts/evaluate.py --family sd3 --checkpoint sd3.5_medium.safetensors \
+        --text-encoders clip_l.safetensors,clip_g.safetensors,t5xxl_fp16.safetensors --steps 40 --size 1024 ...
+
 For every (prompt, seed, method) with method in {plain (scale_factor 0), ae (scale_factor 20)} it queues one graph
-(CheckpointLoaderSimple -> AttendExciteTextEncode / CLIPTextEncode("") -> EmptyLatentImage -> AttendExciteKSampler ->
-VAEDecode -> SaveImage + AttendExciteReport), one worker thread per server pulling from a shared queue, and writes
+(loaders -> AttendExciteTextEncode / CLIPTextEncode("") -> empty latent -> AttendExciteKSampler -> VAEDecode ->
+SaveImage + AttendExciteReport), one worker thread per server pulling from a shared queue, and writes
 ``OUT/images/<subset>/<method>/<slug>_<seed>.png`` and one row per image to ``OUT/runs.jsonl``. Work whose image and
 row both exist is skipped (resume). Then it computes the metrics and writes ``OUT/metrics.csv`` (one row per image),
 ``OUT/summary.md`` (methods x subsets, as in the paper) and ``OUT/summary.png`` (grouped bars):
@@ -19,6 +23,19 @@ row both exist is skipped (resume). Then it computes the metrics and writes ``OU
   full-prompt and minimum-object similarity with the 80 ImageNet templates;
 - ``--blip``: a local ``BlipForConditionalGeneration`` folder (with its processor): captions, and their CLIP
   text-text similarity to the templated prompt (needs ``--clip``).
+
+``--family`` picks the loaders and sampling settings (``FAMILIES``; the paper's are those of ``sd``):
+
+- ``sd`` (default; SD1.x, SD2.x, SDXL): CheckpointLoaderSimple, EmptyLatentImage, cfg 7.5, euler / normal.
+- ``flux`` (Flux.1 dev): UNETLoader (``--checkpoint`` is the diffusion model's file), DualCLIPLoader type flux
+  (``--text-encoders``, default ``clip_l.safetensors,t5xxl_fp16.safetensors``), VAELoader (``--vae``, default
+  ``ae.safetensors``), FluxGuidance 3.5 on the prompt, cfg 1 (one model call per step), euler / simple.
+- ``sd3`` (SD3 / SD3.5): CheckpointLoaderSimple, and a TripleCLIPLoader when ``--text-encoders`` names three files
+  (otherwise the checkpoint's own text encoders), cfg 4.5, euler / sgm_uniform.
+
+``flux`` and ``sd3`` use EmptySD3LatentImage (16 channels). From Python, ``main(argv, loader=...)`` (or
+``generate`` / ``build_graph``) takes another loader: a function of the :class:`Settings` that returns the loader
+nodes and the MODEL, CLIP and VAE outputs (:data:`Loaded`), as the tests do with their tiny model node.
 
 transformers is imported only when ``--clip``/``--blip`` is given.
 """
@@ -37,8 +54,8 @@ import sys
 import threading
 import time
 import urllib.error
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +119,55 @@ class Settings:
     threshold: float = 0.2
     max_refinement_steps: int = 20
     timeout: float = 3600.0
+    family: str = "sd"
+    text_encoders: tuple[str, ...] = ()  # DualCLIPLoader (flux) / TripleCLIPLoader (sd3) files; () = the defaults
+    vae: str = ""  # flux: VAELoader file ("" = ae.safetensors)
+
+
+# API-format nodes of the loaders, and the (node, slot) of their MODEL, CLIP and VAE outputs
+Loaded = tuple[dict[str, dict[str, Any]], list, list, list]
+Loader = Callable[[Settings], Loaded]
+
+
+def sd_loader(s: Settings) -> Loaded:
+    """One checkpoint with its text encoders and VAE (SD1.x, SD2.x, SDXL; SD3 checkpoints that include them)."""
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": s.checkpoint}}}, ["1", 0], \
+        ["1", 1], ["1", 2]
+
+
+def flux_loader(s: Settings) -> Loaded:
+    """Flux as ComfyUI's examples load it: the diffusion model, CLIP-L + T5-XXL, the 16-channel VAE."""
+    clip_l, t5 = s.text_encoders or ("clip_l.safetensors", "t5xxl_fp16.safetensors")
+    return {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": s.checkpoint, "weight_dtype": "default"}},
+            "10": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": clip_l, "clip_name2": t5,
+                                                              "type": "flux"}},
+            "11": {"class_type": "VAELoader", "inputs": {"vae_name": s.vae or "ae.safetensors"}}}, \
+        ["1", 0], ["10", 0], ["11", 0]
+
+
+def sd3_loader(s: Settings) -> Loaded:
+    """An SD3 checkpoint; its text encoders from a TripleCLIPLoader when three files are given."""
+    nodes, model, clip, vae = sd_loader(s)
+    if s.text_encoders:
+        names = dict(zip(("clip_name1", "clip_name2", "clip_name3"), s.text_encoders, strict=True))
+        nodes["10"], clip = {"class_type": "TripleCLIPLoader", "inputs": names}, ["10", 0]
+    return nodes, model, clip, vae
+
+
+@dataclass(frozen=True)
+class Family:
+    loader: Loader
+    latent: str
+    cfg: float
+    scheduler: str
+    flux_guidance: float | None = None
+
+
+FAMILIES = {
+    "sd": Family(sd_loader, "EmptyLatentImage", 7.5, "normal"),
+    "flux": Family(flux_loader, "EmptySD3LatentImage", 1.0, "simple", flux_guidance=3.5),
+    "sd3": Family(sd3_loader, "EmptySD3LatentImage", 4.5, "sgm_uniform"),
+}
 
 
 def load_jobs(prompts_path: Path, subsets: Sequence[str] | None, limit: int | None, seeds: int) -> list[Job]:
@@ -115,25 +181,33 @@ def load_jobs(prompts_path: Path, subsets: Sequence[str] | None, limit: int | No
             for subset in chosen for prompt in data[subset][:limit] for seed in range(seeds) for method in METHODS]
 
 
-def build_graph(job: Job, s: Settings) -> dict[str, dict[str, Any]]:
-    """API-format prompt of one image (node ids fixed: SaveImage is ``8``, the report ``9``)."""
+def build_graph(job: Job, s: Settings, loader: Loader | None = None) -> dict[str, dict[str, Any]]:
+    """API-format prompt of one image (node ids fixed: SaveImage is ``8``, the report ``9``); the loader nodes come
+    from ``loader`` (default: the family's)."""
+    family = FAMILIES[s.family]
+    nodes, model, clip, vae = (loader or family.loader)(s)
+    positive = ["5", 0] if family.flux_guidance is not None else ["2", 0]
     ksampler = {
-        "model": ["1", 0], "seed": job.seed, "steps": s.steps, "cfg": 7.5, "sampler_name": "euler",
-        "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0,
+        "model": model, "seed": job.seed, "steps": s.steps, "cfg": family.cfg, "sampler_name": "euler",
+        "scheduler": family.scheduler, "positive": positive, "negative": ["3", 0], "latent_image": ["4", 0],
+        "denoise": 1.0,
         "scale_factor": METHODS[job.method], "guided_fraction": 0.5, "scale_start": 1.0, "scale_end": 0.5,
         "refinement": "0:0.05, 0.2:0.5, 0.4:0.8", "max_refinement_steps": s.max_refinement_steps,
         "smoothing": True, "kernel_size": 3, "smoothing_sigma": 0.5, "attention_resolution": 0,
         "token_slots": "auto", "record_maps": True,
     }
     prefix = f"ae_eval/{job.subset}/{job.method}/{Path(job.image).stem}"
+    if family.flux_guidance is not None:
+        nodes["5"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0],
+                                                               "guidance": family.flux_guidance}}
     return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": s.checkpoint}},
+        **nodes,
         "2": {"class_type": "AttendExciteTextEncode",
-              "inputs": {"clip": ["1", 1], "text": job.prompt, "subjects": ", ".join(subject_nouns(job.prompt))}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": s.size, "height": s.size, "batch_size": 1}},
+              "inputs": {"clip": clip, "text": job.prompt, "subjects": ", ".join(subject_nouns(job.prompt))}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": ""}},
+        "4": {"class_type": family.latent, "inputs": {"width": s.size, "height": s.size, "batch_size": 1}},
         "6": {"class_type": "AttendExciteKSampler", "inputs": ksampler},
-        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": vae}},
         SAVE_NODE: {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": prefix}},
         REPORT_NODE: {"class_type": "AttendExciteReport", "inputs": {"attention_maps": ["6", 1],
                                                                      "threshold": s.threshold}},
@@ -177,19 +251,23 @@ class Progress:
 
 
 def check_settings(out: Path, s: Settings) -> None:
-    """Record the settings in ``OUT/settings.json``; refuse to resume a folder made with other settings."""
+    """Record the settings in ``OUT/settings.json``; refuse to resume a folder made with other settings (settings
+    added since a folder was made count with their defaults)."""
     path = out / "settings.json"
-    current = {k: v for k, v in vars(s).items() if k != "timeout"}
+    current = json.loads(json.dumps({k: v for k, v in vars(s).items() if k != "timeout"}))  # tuples as lists
     if path.is_file():
-        previous = json.loads(path.read_text())
+        defaults = {f.name: f.default for f in fields(Settings) if f.name not in ("checkpoint", "timeout")}
+        previous = json.loads(json.dumps({**defaults, **json.loads(path.read_text())}))
         if previous != current:
             raise SystemExit(f"{out} was made with other settings {previous}, not {current}: use another --out")
     else:
         path.write_text(json.dumps(current, indent=1) + "\n")
 
 
-def generate(clients: Sequence[ComfyClient], jobs: Sequence[Job], out: Path, s: Settings) -> tuple[int, list[str]]:
-    """Render the jobs that lack an image or a row. Returns (number queued, error messages)."""
+def generate(clients: Sequence[ComfyClient], jobs: Sequence[Job], out: Path, s: Settings,
+             loader: Loader | None = None) -> tuple[int, list[str]]:
+    """Render the jobs that lack an image or a row (``loader``: see :func:`build_graph`). Returns (number queued,
+    error messages)."""
     runs = out / "runs.jsonl"
     rows = read_rows(runs)
     pending = [j for j in jobs if not ((out / j.image).is_file() and j.key in rows)]
@@ -209,7 +287,7 @@ def generate(clients: Sequence[ComfyClient], jobs: Sequence[Job], out: Path, s: 
                 return
             t0 = time.monotonic()
             try:
-                history = client.run(build_graph(job, s), timeout=s.timeout)
+                history = client.run(build_graph(job, s, loader), timeout=s.timeout)
                 outputs = history["outputs"]
                 png = client.image_bytes(outputs[SAVE_NODE]["images"][0])
                 report = outputs[REPORT_NODE]["attend_excite"][0]
@@ -480,7 +558,14 @@ def write_reports(out: Path, jobs: Sequence[Job], clip_path: str | None, blip_pa
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--servers", default="", help="comma-separated ComfyUI base URLs (one worker each)")
-    p.add_argument("--checkpoint", required=True, help="ckpt_name as the servers list it (SD1.4 for the paper)")
+    p.add_argument("--checkpoint", required=True, help="ckpt_name as the servers list it (SD1.4 for the paper; "
+                   "flux: the diffusion model's unet_name)")
+    p.add_argument("--family", choices=list(FAMILIES), default="sd", help="model family: loaders, latent, cfg and "
+                   "scheduler (default: sd, the paper's setting)")
+    p.add_argument("--text-encoders", default="", help="comma-separated text encoder files: flux: CLIP-L and T5 "
+                   "(default clip_l.safetensors,t5xxl_fp16.safetensors); sd3: three for a TripleCLIPLoader (default: "
+                   "the checkpoint's own)")
+    p.add_argument("--vae", default="", help="flux: the VAE file (default ae.safetensors)")
     p.add_argument("--prompts", type=Path, default=REPO_ROOT / "data" / "ae_benchmark_prompts.json")
     p.add_argument("--seeds", type=int, default=64, help="seeds 0..N-1 per prompt (paper: 64)")
     p.add_argument("--subsets", default="", help="comma-separated subsets (default: all in the prompt file)")
@@ -500,22 +585,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--blip needs --clip (captions are compared with CLIP text embeddings)")
     if not args.servers.strip() and not args.skip_generation:
         p.error("--servers is required unless --skip-generation")
+    wanted = {"sd": (0,), "flux": (0, 2), "sd3": (0, 3)}[args.family]
+    given = len([t for t in args.text_encoders.split(",") if t.strip()])
+    if given not in wanted:
+        p.error(f"--text-encoders: --family {args.family} takes {' or '.join(map(str, wanted))} files, not {given}")
+    if args.vae and args.family != "flux":
+        p.error("--vae is for --family flux (the other families' checkpoints include their VAE)")
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, loader: Loader | None = None) -> int:
+    """The command line; ``loader`` replaces the family's loader nodes (see :func:`build_graph`)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[evaluate] %(message)s")
     subsets = [s.strip() for s in args.subsets.split(",") if s.strip()]
     jobs = load_jobs(args.prompts, subsets, args.limit, args.seeds)
     args.out.mkdir(parents=True, exist_ok=True)
     settings = Settings(args.checkpoint, args.steps, args.size, args.threshold, args.max_refinement_steps,
-                        args.timeout)
+                        args.timeout, args.family, tuple(t.strip() for t in args.text_encoders.split(",") if t.strip()),
+                        args.vae)
     queued, errors = 0, []
     if not args.skip_generation:
         clients = [ComfyClient(u.strip()) for u in args.servers.split(",") if u.strip()]
         check_settings(args.out, settings)
-        queued, errors = generate(clients, jobs, args.out, settings)
+        queued, errors = generate(clients, jobs, args.out, settings, loader)
     records = write_reports(args.out, jobs, args.clip, args.blip, args.device)
     print(json.dumps({"queued": queued, "failed": len(errors), "images": len(records), "jobs": len(jobs),
                       "summary": str(args.out / "summary.md")}))

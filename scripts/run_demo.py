@@ -14,6 +14,8 @@ and ControlNet one with a tiny random LoRA and ControlNet and every ``LoadImage`
 (``scripts/tiny_addons.py``), and composes each run's inputs, images and attention maps into ``<workflow>.jpg``
 next to the workflow: the thumbnail ComfyUI's template browser shows. The SDXL workflow's graph is model-agnostic
 (checkpoint loader, A&E encode and sampler), so on the tiny SD1.5 checkpoint it runs as it is, at the demo's size.
+The Flux and SD3 workflows run with their loader nodes replaced by the test-only ``AETinyTransformerLoader`` (a
+tiny random-weight Flux or SD3 with its text encoders and VAE: ``scripts/tiny_dit.py``, :func:`with_tiny_loader`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ log = logging.getLogger("attend_excite.demo")
 
 AE_SAMPLERS = ("AttendExciteKSampler", "AttendExciteSampler")
 OPTIONS_NODE = "AttendExciteOptions"
+TINY_LOADER = "AETinyTransformerLoader"  # test-only node: tests/fixtures/ae_tiny_loaders
+# loader node type -> {its output slot: the tiny loader's output slot (MODEL 0, CLIP 1, VAE 2)}
+TINY_LOADER_SLOTS = {"CheckpointLoaderSimple": {0: 0, 1: 1, 2: 2}, "UNETLoader": {0: 0}, "DualCLIPLoader": {0: 1},
+                     "TripleCLIPLoader": {0: 1}, "CLIPLoader": {0: 1}, "VAELoader": {0: 2}}
 
 
 def build_prompt(server: ComfyServer, workflow: Path, ckpt_name: str, steps: int | None = None,
@@ -50,9 +56,9 @@ def build_prompt(server: ComfyServer, workflow: Path, ckpt_name: str, steps: int
                  files: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
     """API prompt from the UI workflow, with the checkpoint and optional overrides applied.
 
-    ``steps`` and ``seed`` go to the A&E KSampler and to ``BasicScheduler`` / ``RandomNoise``, ``size`` to
-    ``EmptyLatentImage``, ``max_refinement_steps`` where :func:`cap_refinement` puts it; ``files`` maps a node type
-    to input values (``{"LoraLoader": {"lora_name": ...}, "LoadImage": {"image": ...}}``).
+    ``steps`` and ``seed`` go to the (A&E) KSampler and to ``BasicScheduler`` / ``RandomNoise``, ``size`` to
+    ``EmptyLatentImage`` / ``EmptySD3LatentImage``, ``max_refinement_steps`` where :func:`cap_refinement` puts it;
+    ``files`` maps a node type to input values (``{"LoraLoader": {"lora_name": ...}, "LoadImage": {"image": ...}}``).
     """
     info = server.object_info()
     prompt = ui_to_api(json.loads(workflow.read_text()), info)
@@ -62,16 +68,41 @@ def build_prompt(server: ComfyServer, workflow: Path, ckpt_name: str, steps: int
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
             inputs["ckpt_name"] = ckpt_name
-        if steps is not None and kind in ("AttendExciteKSampler", "BasicScheduler"):
+        if steps is not None and kind in ("AttendExciteKSampler", "KSampler", "BasicScheduler"):
             inputs["steps"] = steps
-        if seed is not None and kind == "AttendExciteKSampler":
+        if seed is not None and kind in ("AttendExciteKSampler", "KSampler"):
             inputs["seed"] = seed
         if seed is not None and kind == "RandomNoise":
             inputs["noise_seed"] = seed
-        if size is not None and kind == "EmptyLatentImage":
+        if size is not None and kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
             inputs["width"] = inputs["height"] = size
         inputs.update((files or {}).get(kind, {}))
     return prompt
+
+
+def joint_family(prompt: Mapping[str, Any]) -> str | None:
+    """``"flux"`` or ``"sd3"`` for a prompt that loads a Flux (``UNETLoader``, ``DualCLIPLoader`` of type flux) or an
+    SD3 model (``TripleCLIPLoader``, ``DualCLIPLoader`` of type sd3), else ``None`` (an SD1.x/SDXL checkpoint)."""
+    kinds = {(n["class_type"], n["inputs"].get("type")) for n in prompt.values()}
+    if any(k == "UNETLoader" or (k == "DualCLIPLoader" and t == "flux") for k, t in kinds):
+        return "flux"
+    if any(k == "TripleCLIPLoader" or (k == "DualCLIPLoader" and t == "sd3") for k, t in kinds):
+        return "sd3"
+    return None
+
+
+def with_tiny_loader(prompt: Mapping[str, Any], family: str, seed: int = 0) -> dict:
+    """A copy of ``prompt`` whose loader nodes (``TINY_LOADER_SLOTS``) are replaced by one ``AETinyTransformerLoader``
+    of ``family`` (``flux``/``sd3``), wired to the same consumers: MODEL, CLIP and VAE from the tiny models."""
+    loaders = {k for k, n in prompt.items() if n["class_type"] in TINY_LOADER_SLOTS}
+    tiny = str(max(int(k) for k in prompt) + 1)
+    out = {k: {**n, "inputs": dict(n["inputs"])} for k, n in prompt.items() if k not in loaders}
+    out[tiny] = {"class_type": TINY_LOADER, "inputs": {"family": family, "seed": seed}}
+    for node in out.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and value[0] in loaders:
+                node["inputs"][name] = [tiny, TINY_LOADER_SLOTS[prompt[value[0]]["class_type"]][value[1]]]
+    return out
 
 
 def cap_refinement(prompt: dict, info: Mapping[str, Any], cap: int) -> None:
@@ -167,8 +198,9 @@ def stand_in_prompt(server: ComfyServer, workflow: Path, ckpt_name: str, addons:
                     steps: int | None = None, size: int | None = None, seed: int | None = None,
                     max_refinement_steps: int | None = None) -> tuple[dict, list[str]]:
     """The workflow's API prompt with the user's model files replaced by the stand-ins of :func:`install_addons`
-    (a ``LoadImage`` titled as a control image gets the line drawing, others the picture), the outputs saved under
-    ``<workflow>/``; returns the prompt and the input pictures it reads."""
+    (a ``LoadImage`` titled as a control image gets the line drawing, others the picture; Flux and SD3 loaders the
+    tiny loader node, :func:`with_tiny_loader`), the outputs saved under ``<workflow>/``; returns the prompt and the
+    input pictures it reads."""
     control, scene = sorted(addons["pictures"])  # ae_control_lines.png, ae_img2img_input.png
     ui = json.loads(workflow.read_text())
     loads = {str(n["id"]): control if "control" in (n.get("title") or "").lower() else scene
@@ -176,6 +208,9 @@ def stand_in_prompt(server: ComfyServer, workflow: Path, ckpt_name: str, addons:
     prompt = build_prompt(server, workflow, ckpt_name, steps, size, seed, max_refinement_steps,
                           {"LoraLoader": {"lora_name": addons["lora"]},
                            "ControlNetLoader": {"control_net_name": addons["controlnet"]}})
+    family = joint_family(prompt)
+    if family is not None:
+        prompt = with_tiny_loader(prompt, family)
     for node_id, picture in loads.items():
         prompt[node_id]["inputs"]["image"] = picture
     for node in prompt.values():
@@ -253,8 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="ae_demo_"))
+    node_dirs = [REPO]
+    if args.thumbnails:  # the Flux and SD3 workflows run on the tiny loader node
+        from tiny_dit import LOADER_NODE_DIR
+
+        node_dirs.append(LOADER_NODE_DIR)
     server = ComfyServer(base, comfy_root=comfy, python=args.python, extra_args=["--output-directory", str(out)],
-                         cpu=cpu)
+                         cpu=cpu, custom_node_dirs=node_dirs)
     name = server.link_checkpoint(ckpt)
     t0 = time.time()
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import evaluate
 import pytest
-from comfy_server import ComfyServer
+from comfy_server import REPO_ROOT, ComfyServer
 from PIL import Image
 
 CKPT = "ae_tiny_sd15.safetensors"
@@ -140,6 +140,63 @@ def test_harness_end_to_end_on_two_servers_and_resume(comfy_server, second_serve
     assert len((out / "scores.jsonl").read_text().splitlines()) == 5  # only the new image was scored again
     with (out / "metrics.csv").open() as f:
         assert all(rec["text_text_sim"] for rec in csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def tiny_dit_server(comfy_root, tmp_path_factory):
+    """A ComfyUI server with the pack and the test-only tiny Flux/SD3 loader node."""
+    import tiny_dit
+
+    server = ComfyServer(tmp_path_factory.mktemp("comfy_tiny_dit"), comfy_root=comfy_root,
+                         custom_node_dirs=(REPO_ROOT, tiny_dit.LOADER_NODE_DIR))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def tiny_flux_loader(s: evaluate.Settings) -> evaluate.Loaded:
+    return {"1": {"class_type": "AETinyTransformerLoader", "inputs": {"family": "flux", "seed": 0}}}, ["1", 0], \
+        ["1", 1], ["1", 2]
+
+
+@pytest.mark.host
+@pytest.mark.slow
+def test_harness_on_flux_with_the_tiny_loader(tiny_dit_server, tmp_path, capsys):
+    job = evaluate.Job("animals", "a elephant and a rabbit", 0, "ae")
+    graph = evaluate.build_graph(job, evaluate.Settings("flux1-dev.safetensors", family="flux"))  # the usual loaders
+    assert {n["class_type"] for n in graph.values()} >= {"UNETLoader", "DualCLIPLoader", "VAELoader", "FluxGuidance",
+                                                         "EmptySD3LatentImage"}
+    assert graph["10"]["inputs"]["type"] == "flux" and graph["6"]["inputs"]["positive"] == ["5", 0]
+
+    out = tmp_path / "eval"
+    args = ["--servers", tiny_dit_server.url, "--family", "flux", "--checkpoint", "tiny", "--prompts", str(PROMPTS),
+            "--subsets", "animals", "--limit", "1", "--seeds", "1", "--steps", "4", "--size", "64",
+            "--max-refinement-steps", "2", "--timeout", "300", "--out", str(out)]
+    assert evaluate.main(args, loader=tiny_flux_loader) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result == {**result, "queued": 2, "failed": 0, "images": 2, "jobs": 2}
+    queued = [entry["prompt"][2] for entry in tiny_dit_server.get_json("/history").values()]
+    samplers = [n["inputs"] for p in queued for n in p.values() if n["class_type"] == "AttendExciteKSampler"]
+    assert sorted(k["scale_factor"] for k in samplers) == [0.0, 20.0] and {k["cfg"] for k in samplers} == {1.0}
+
+    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert sorted(r["method"] for r in rows) == ["ae", "plain"]
+    for r in rows:
+        assert r["labels"] == ["elephant", "rabbit"] and r["step"] == 1  # 4 steps: guided 0-1 (plain read at step 1)
+        assert all(0.0 <= v <= 1.0 for v in r["max_attention"]) and r["neglected"] == (min(r["max_attention"]) < 0.2)
+        with Image.open(out / r["image"]) as im:
+            assert im.size == (64, 64)
+    with (out / "metrics.csv").open() as f:
+        records = {rec["method"]: rec for rec in csv.DictReader(f)}
+    for r in rows:
+        rec = records[r["method"]]
+        assert float(rec["min_attention"]) == pytest.approx(min(r["max_attention"]), abs=1e-6)
+        assert rec["neglected"] == str(int(r["neglected"]))
+    summary = (out / "summary.md").read_text()
+    assert "Neglect rate" in summary and "Smaller subject max attention" in summary and "| ae |" in summary
+    assert json.loads((out / "settings.json").read_text())["family"] == "flux"
 
 
 class FakeClient:

@@ -33,6 +33,9 @@ def test_the_workflows_users_ask_for_are_there():
                                                        "RandomNoise"},
         "LoRA and ControlNet": {"LoraLoader", "ControlNetApplyAdvanced", "ControlNetLoader"},
         "image to image": {"LoadImage", "VAEEncode"},
+        "Flux.1 dev": {"UNETLoader", "DualCLIPLoader", "VAELoader", "FluxGuidance", "KSampler", "AttendExciteKSampler"},
+        "SD3.5": {"CheckpointLoaderSimple", "TripleCLIPLoader", "EmptySD3LatentImage", "KSampler",
+                  "AttendExciteKSampler"},
     }
     for what, types in wanted.items():
         assert any(types <= used for used in uses.values()), what
@@ -41,6 +44,49 @@ def test_the_workflows_users_ask_for_are_there():
     img2img = [n for w in WORKFLOWS for n in json.loads(w.read_text())["nodes"] if "VAEEncode" in uses[w.stem]
                and n["type"] == "AttendExciteKSampler"]
     assert img2img and all(0 < n["widgets_values"][6] < 1 for n in img2img)  # denoise below 1
+    _flux_and_sd3()
+
+
+def _joint(types: set[str]) -> dict[str, list[dict]]:
+    """``{node type: nodes}`` of the one workflow that has all of ``types``."""
+    (workflow,) = [w for w in WORKFLOWS if types <= {n["type"] for n in json.loads(w.read_text())["nodes"]}]
+    nodes: dict[str, list[dict]] = {}
+    for n in json.loads(workflow.read_text())["nodes"]:
+        nodes.setdefault(n["type"], []).append(n)
+    return nodes
+
+
+def _same_seed_plain_and_ae(nodes: dict[str, list[dict]], cfg: float) -> None:
+    """A plain KSampler and the A&E KSampler: same seed, steps, cfg, sampler and scheduler; 16-channel latent."""
+    (plain,), (ae,) = nodes["KSampler"], nodes["AttendExciteKSampler"]
+    # seed, control, steps, cfg, sampler_name, scheduler, denoise: the same widgets first on both
+    assert plain["widgets_values"][:7] == ae["widgets_values"][:7] and ae["widgets_values"][3] == cfg
+    assert ae["widgets_values"][7] > 0  # scale_factor
+    (latent,) = nodes["EmptySD3LatentImage"]
+    assert latent["widgets_values"][:2] == [1024, 1024]
+    assert {"VAEDecode", "SaveImage", "AttendExciteVisualize", "AttendExciteReport", "Note"} <= set(nodes)
+    assert len(nodes["SaveImage"]) == 3 and len(nodes["VAEDecode"]) == 2
+
+
+def _flux_and_sd3() -> None:
+    """Flux.1 dev loaded the usual way (diffusion model, CLIP-L + T5 of type flux, ae VAE) with FluxGuidance and
+    cfg 1; SD3.5 medium with its text encoders from a TripleCLIPLoader, cfg 4.5; both plain and A&E, same seed."""
+    flux = _joint({"UNETLoader", "DualCLIPLoader", "FluxGuidance", "AttendExciteKSampler"})
+    (clip,) = flux["DualCLIPLoader"]
+    assert clip["widgets_values"][:3] == ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux"]
+    assert flux["UNETLoader"][0]["widgets_values"] == ["flux1-dev.safetensors", "default"]
+    assert flux["VAELoader"][0]["widgets_values"] == ["ae.safetensors"]
+    assert flux["FluxGuidance"][0]["widgets_values"] == [3.5]
+    _same_seed_plain_and_ae(flux, cfg=1.0)  # guidance-distilled: one model call per step
+    assert flux["KSampler"][0]["widgets_values"][4:6] == ["euler", "simple"]
+    assert "double-stream" in flux["Note"][0]["widgets_values"][0]
+
+    sd3 = _joint({"CheckpointLoaderSimple", "TripleCLIPLoader", "EmptySD3LatentImage", "AttendExciteKSampler"})
+    assert sd3["CheckpointLoaderSimple"][0]["widgets_values"] == ["sd3.5_medium.safetensors"]
+    assert sorted(sd3["TripleCLIPLoader"][0]["widgets_values"]) == ["clip_g.safetensors", "clip_l.safetensors",
+                                                                   "t5xxl_fp16.safetensors"]
+    _same_seed_plain_and_ae(sd3, cfg=4.5)
+    assert sd3["KSampler"][0]["widgets_values"][4:6] == ["euler", "sgm_uniform"]
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=ids(WORKFLOWS))
