@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="flux,sd35m: layout (dit_bench.ARCHS): the real one, or the CPU benchmark's smaller ones")
     p.add_argument("--capture", type=bench._csv(str), default=["as_is", "inputs_once"],
                    help="flux,sd35m: " + ",".join(CAPTURE_OPTIONS) + " (see joint_pass_attention)")
+    p.add_argument("--rms-norm", choices=RMS_NORM_OPTIONS, default="fused",
+                   help="flux,sd35m: the q/k RMSNorm's saved tensors as PyTorch's fused CUDA kernel keeps them "
+                        "(fused) or as the meta device's composite form does (composite: float32 copies)")
     p.add_argument("--chunk-elements", type=bench._csv(int), default=None,
                    help="flux,sd35m: the capture's logits per chunk (default: attention.joint.CHUNK_ELEMENTS)")
     p.add_argument("--steps", type=int, default=28, help="flux,sd35m: sampling steps of the time estimate")
@@ -370,6 +373,50 @@ def _flash_override(func, *args, **kwargs):
 
 
 CAPTURE_OPTIONS = ("as_is", "inputs_once")
+RMS_NORM_OPTIONS = ("fused", "composite")
+
+
+def fused_rms_norm(x, normalized_shape, weight=None, eps=None):
+    """``torch.nn.functional.rms_norm`` as the fused CUDA kernel keeps it for the backward (the input, the weight
+    and the float32 reciprocal RMS per row), where the meta device runs the composite form, which keeps float32
+    copies of the input. Same output shape and dtype; no matmul, so the FLOPs do not change."""
+    import torch
+
+    class _Fused(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight):
+            rstd = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+            ctx.save_for_backward(x, rstd, *([] if weight is None else [weight]))
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            x = ctx.saved_tensors[0]
+            return torch.empty_like(x), None
+
+    return _Fused.apply(x, weight)
+
+
+@contextlib.contextmanager
+def rms_norm_as(option: str):
+    """For the ``with`` body: ``torch.nn.functional.rms_norm`` (what ComfyUI's RMSNorm calls) as
+    :data:`RMS_NORM_OPTIONS` says: ``fused`` = :func:`fused_rms_norm`, ``composite`` = as the meta device runs it."""
+    import torch
+
+    original = torch.nn.functional.rms_norm
+    import comfy.rmsnorm
+
+    original_comfy = getattr(comfy.rmsnorm, "rms_norm_torch", None)
+    if option == "fused":
+        torch.nn.functional.rms_norm = fused_rms_norm
+        if original_comfy is not None:
+            comfy.rmsnorm.rms_norm_torch = fused_rms_norm
+    try:
+        yield
+    finally:
+        torch.nn.functional.rms_norm = original
+        if original_comfy is not None:
+            comfy.rmsnorm.rms_norm_torch = original_comfy
 
 
 @contextlib.contextmanager
@@ -458,21 +505,21 @@ def importlib_module(name: str):
     return importlib.import_module(f"{bench.PACK}.{name}")
 
 
-def joint_plain_step(model: JointModel, batch: int) -> dict[str, Any]:
+def joint_plain_step(model: JointModel, batch: int, rms_norm: str = "fused") -> dict[str, Any]:
     """One sampling step: one call (Flux, CFG 1) or cond and uncond in one call of batch 2B (SD3.5), no gradient."""
     import torch
 
     b = model.calls * batch
 
     def run(hold):
-        with torch.no_grad():
+        with torch.no_grad(), rms_norm_as(rms_norm):
             model.forward(model.inputs(b)[0], {"optimized_attention_override": _flash_override}, b)
 
     return measure(run, model.param_storages)
 
 
 def joint_gradient_pass(model: JointModel, batch: int, capture_option: str = "as_is",
-                        chunk_elements: int | None = None) -> dict[str, Any]:
+                        chunk_elements: int | None = None, rms_norm: str = "fused") -> dict[str, Any]:
     """The sampler's joint gradient pass (:class:`~nodes.gradient_pass.GradientPasses` with a ``JointReader``):
     cond only, the capture's override and differentiable rotary embedding installed by the reader, stop after the
     last read block, the chunked image x text probabilities (recomputed in the backward), the A&E loss with its
@@ -487,7 +534,7 @@ def joint_gradient_pass(model: JointModel, batch: int, capture_option: str = "as
     slots = pack.loss.slot_mask(model.n_text, "prompt", model.positions)
 
     def run(hold):
-        with torch.enable_grad(), joint_pass_attention(hold, capture_option, chunk_elements):
+        with torch.enable_grad(), joint_pass_attention(hold, capture_option, chunk_elements), rms_norm_as(rms_norm):
             leaf = model.inputs(batch)[0].requires_grad_(True)
             try:
                 model.forward(leaf, to, batch)
@@ -540,15 +587,16 @@ def joint_rows(args: argparse.Namespace, pack, arch: str) -> list[dict[str, Any]
                             "level": f"{model.grid[0]}x{model.grid[1]}",
                             "weights_gib": model.weights_gib, "text_tokens": n_text, "joint_blocks": joint_blocks,
                             "model_calls_per_step": model.calls}
-                    plain = joint_plain_step(model, batch)
+                    plain = joint_plain_step(model, batch, args.rms_norm)
                     out.append({**base, "pass": "plain_step", **plain})
                     for option in args.capture:
                         for chunk in args.chunk_elements or [None]:
-                            g = joint_gradient_pass(model, batch, option, chunk)
+                            g = joint_gradient_pass(model, batch, option, chunk, args.rms_norm)
                             sizes = attention_sizes(model, batch, chunk)
                             name = "gradient_joint" + ("" if option == "as_is" else f"+{option}")
                             name += "" if chunk is None else f"+chunk{chunk}"
-                            out.append({**base, "pass": name, "capture": option, **g, **sizes,
+                            out.append({**base, "pass": name, "capture": option, "rms_norm": args.rms_norm,
+                                        **g, **sizes,
                                         **estimates(model, plain, g, sizes, schedule.guided_steps, args.steps)})
     return out
 
@@ -595,6 +643,7 @@ def markdown(table: list[dict[str, Any]]) -> str:
         ("ops", lambda r: r["ops"]), ("× step", lambda r: bench._fmt(r.get("ops_vs_step"))),
         ("saved GiB", lambda r: f"{r['saved_gib']:.2f}"),
         ("of which fp32 probs", lambda r: f"{r['probs_f32_gib']:.2f}"),
+        ("text tokens", lambda r: r.get("text_tokens", "–")),
         ("est. × plain time", lambda r: bench._fmt(r.get("time_ratio_estimate"))),
         ("est. × plain peak", lambda r: bench._fmt(r.get("peak_ratio_estimate"))),
     ], table)
