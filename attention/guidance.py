@@ -29,6 +29,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -364,3 +365,29 @@ class GraphedPass:
             return False
         self.graph, self.static = graph, (static_x, static_sigma)
         return True
+
+
+# ---- autograd helpers of joint-attention passes (Flux, SD3) ----
+
+def _clone_activation(t: torch.Tensor) -> torch.Tensor:
+    return t.clone() if t.requires_grad else t
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def clone_saved_activations():
+    """Context for a forward whose layers update their hidden states in place after saving them for the backward
+    (Flux's blocks: ``img += ...``), which autograd refuses: the activations saved in the graph are cloned when
+    saved (weights and other tensors without a gradient are not), so the backward sees the values the forward used."""
+    return torch.autograd.graph.saved_tensors_hooks(_clone_activation, _same)
+
+
+def recompute_in_backward(fn: Callable, *args):
+    """``fn(*args)`` whose intermediates are recomputed in the backward (non-reentrant checkpoint) instead of
+    kept. Its inputs are kept by reference, also inside :func:`clone_saved_activations`: a chunked computation over
+    one shared tensor (all keys of an attention) must not copy that tensor once per chunk."""
+    with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+

@@ -9,17 +9,19 @@ keys (text and image), as the model's own attention is. Per head and query ``i``
 
 computed in chunks of image rows: a chunk's logits against all keys give its log-sum-exp, then only its text
 columns are kept. Peak extra memory is one chunk's ``rows x N`` logits per head, not ``N x N``. In a gradient pass
-each chunk is checkpointed (recomputed in the backward), so what stays saved for the backward is the ``I x T``
-block, not the logits.
+the caller runs each chunk through :func:`attention.guidance.recompute_in_backward`, so what stays saved for the
+backward is the ``I x T`` block and the shared ``q``, ``k``, not the logits.
 """
 
 from __future__ import annotations
 
-import torch
-from torch.utils.checkpoint import checkpoint
+from collections.abc import Callable
 
-# Logit elements (batch x heads x rows x keys, float32) per chunk: 2**24 = 64 MiB.
-CHUNK_ELEMENTS = 1 << 24
+import torch
+
+# Logit elements (batch x heads x rows x keys, float32) per chunk: 2**26 = 256 MiB; Flux at 1024 px (24 heads,
+# 4.6k keys): 600 image rows, 7 chunks per block.
+CHUNK_ELEMENTS = 1 << 26
 
 
 def split_heads(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
@@ -54,7 +56,7 @@ def mask_bias(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
 
 def text_probabilities(q: torch.Tensor, k: torch.Tensor, image: slice, text: slice,
                        mask: torch.Tensor | None = None, chunk_elements: int = CHUNK_ELEMENTS,
-                       recompute: bool | None = None) -> torch.Tensor:
+                       run_chunk: Callable | None = None) -> torch.Tensor:
     """Image-query x text-key probabilities of a joint attention, averaged over heads: ``(B, I, T)`` float32.
 
     Args:
@@ -63,21 +65,17 @@ def text_probabilities(q: torch.Tensor, k: torch.Tensor, image: slice, text: sli
             text-first order, the other way round for image-first blocks).
         mask: the attention mask the block got, if any (see :func:`mask_bias`).
         chunk_elements: logit elements per chunk of image rows (bounds the extra memory).
-        recompute: checkpoint each chunk (default: whenever ``q`` or ``k`` requires grad).
+        run_chunk: ``run_chunk(fn, *args)`` computes each chunk (default ``fn(*args)``; a gradient pass recomputes
+            them in the backward).
     """
     b, h, n, _ = q.shape
     start, stop = image.indices(n)[:2]
     rows = max(1, chunk_elements // max(1, b * h * n))
-    recompute = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) if recompute is None else recompute
     parts = []
     for a in range(start, stop, rows):
         z = min(a + rows, stop)
-        bias = mask_bias(mask, slice(a, z))
-        qc = q[:, :, a:z]
-        if recompute:
-            part = checkpoint(_block, qc, k, text, bias, use_reentrant=False)
-        else:
-            part = _block(qc, k, text, bias)
+        args = (q[:, :, a:z], k, text, mask_bias(mask, slice(a, z)))
+        part = _block(*args) if run_chunk is None else run_chunk(_block, *args)
         parts.append(part.mean(1))
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 

@@ -202,7 +202,7 @@ def measure(fn, param_storages: set[int], top: int = 8, transform=None, probs_ke
             ) -> dict[str, Any]:
     """Counts of ``fn(hold)``; ``hold(t)`` counts ``t`` as kept for the backward (an activation checkpoint's input:
     autograd's hooks do not see it). ``transform``: what the pass's own saved-tensor hook does to a saved tensor
-    (the joint pass clones activations, :func:`joint_capture.safe_in_place_updates`): the result is what is kept,
+    (the joint pass clones activations, :func:`attention.guidance.clone_saved_activations`): the result is what is kept,
     labelled by the operator that made the original. ``probs_keys``: the key count of the probabilities counted in
     ``probs_f32_gib`` (default: 77, the UNets' cross-attention softmax)."""
     import torch
@@ -423,10 +423,10 @@ def rms_norm_as(option: str):
 def joint_pass_attention(hold, capture: str = "as_is", chunk_elements: int | None = None):
     """For the ``with`` body: the pass's attention calls outside the read blocks (the capture calls ComfyUI's
     ``attention_pytorch``) run the flash kernel, and the queries and keys the chunked probabilities read are counted
-    as held. ``capture``: ``as_is`` = the pack's capture (PyTorch's non-reentrant checkpoint saves each chunk's
-    inputs through ``save_for_backward``, where the pass's cloning hook copies them: the whole key tensor once per
-    chunk); ``inputs_once`` = the same computation with the chunks' inputs saved without that copy (one q and k per
-    block), what a capture that keeps its inputs itself would hold. ``chunk_elements``: the capture's chunk size
+    as held. ``capture``: ``as_is`` = the pack's capture (its chunks run through
+    :func:`attention.guidance.recompute_in_backward`, which keeps their inputs by reference: one q and k per block);
+    ``inputs_once`` = the same computation with every tensor it saves counted as held by reference (a check: it
+    equals ``as_is`` when the capture copies nothing). ``chunk_elements``: the capture's chunk size
     (default: ``attention.joint.CHUNK_ELEMENTS``)."""
     import importlib
 
@@ -544,7 +544,8 @@ def joint_gradient_pass(model: JointModel, batch: int, capture_option: str = "as
                                                         kernel_size=3, smoothing_sigma=0.5)
             loss.sum().backward(inputs=[leaf])
 
-    out = measure(run, model.param_storages, transform=jc._clone_activation, probs_keys=model.n_text)
+    clone = importlib_module("attention.guidance")._clone_activation  # what clone_saved_activations keeps
+    out = measure(run, model.param_storages, transform=clone, probs_keys=model.n_text)
     out["layers"] = len(capture.maps)
     out["read_blocks"] = dit_module()._blocks_label(reader.keys)
     out["last_layer"] = jc.block_name(reader.keys[-1])

@@ -11,8 +11,9 @@ joint-attention family (Chroma, HiDream, Lumina 2, ...) is one :class:`JointFami
   (:mod:`.capture`).
 - Flux.1: the 19 double-stream blocks by default (``joint_blocks``: ``all``, ``single`` or numbers, single
   blocks numbered after the double ones); T5 text first (a ``flipped_img_txt`` block has the image first).
-- SD3 / SD3.5: a middle range of the joint blocks by default, blocks ``n/4 .. n/2 - 1`` (6-11 of SD3 medium's 24):
-  the gradient pass runs half the model. Text (CLIP-L/G, then T5) first.
+- SD3 / SD3.5: a middle range of the joint blocks by default, blocks ``n/4 .. 3n/8 - 1`` (6-8 of SD3.5 medium's
+  24): the gradient pass stops at 3/8 of the model (counted: ~1.5x plain peak memory at 1024 px, where 6-11 would
+  need ~1.7x; ``benchmarks/cost_model.py --arch sd35m``). Text (CLIP-L/G, then T5) first.
 
 Joint blocks are read through ``optimized_attention_override`` (:mod:`.joint_capture`). Defaults for Flux and SD3
 are not yet validated on real weights.
@@ -30,6 +31,7 @@ import comfy.model_sampling
 import torch
 from comfy.ldm.modules import attention as comfy_attention
 
+from ..attention.guidance import clone_saved_activations
 from ..attention.inputs import parse_joint_blocks
 from .capture import GradCapture, LayerKey, MapRecorder, attn2_levels, replaced_attn2
 from .joint_capture import (
@@ -37,7 +39,6 @@ from .joint_capture import (
     JointGradCapture,
     JointRecorder,
     block_name,
-    safe_in_place_updates,
     with_differentiable_rope,
 )
 
@@ -202,7 +203,7 @@ SD3 = JointFamily(
     name="SD3",
     model_types=("SD3",),
     blocks=lambda dm: [("joint", i) for i in range(len(dm.joint_blocks))],
-    default=lambda blocks: blocks[len(blocks) // 4: max(len(blocks) // 2, len(blocks) // 4 + 1)],
+    default=lambda blocks: blocks[len(blocks) // 4: max(3 * len(blocks) // 8, len(blocks) // 4 + 1)],
     text_first=lambda dm, key: True,
     block_of=lambda to, call: ("joint", call),  # ComfyUI does not tag SD3's blocks: count the joint calls
     patch=lambda dm: int(dm.x_embedder.patch_size[0]),
@@ -242,7 +243,7 @@ class JointReader:
         return model_options
 
     def pass_context(self):
-        return safe_in_place_updates()
+        return clone_saved_activations()
 
     def finest_encoder_side(self, latent_hw: tuple[int, int]) -> int | None:
         return None

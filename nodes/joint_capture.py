@@ -21,27 +21,12 @@ import comfy.model_patcher
 import torch
 from comfy.ldm.modules import attention as comfy_attention
 
+from ..attention.guidance import recompute_in_backward
 from ..attention.joint import apply_rope, split_heads, text_probabilities, token_ranges
 from .capture import MapRecorder, StopForward
 
 BlockKey = tuple[str, int]  # ("double", i), ("single", i) (Flux) or ("joint", i) (SD3)
 ROPE_KEY = "attend_excite_rope"  # transformer_options entry: the block's rotary embedding, applied by the capture
-
-
-def _clone_activation(t: torch.Tensor) -> torch.Tensor:
-    return t.clone() if t.requires_grad else t
-
-
-def _unpack(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def safe_in_place_updates():
-    """The context of a joint model's gradient pass: Flux's blocks update their hidden states in place
-    (``img += ...``) after saving them for the backward, which autograd refuses. The activations saved in the graph
-    are cloned when saved (weights and other tensors without a gradient are not), so the backward sees the values the
-    forward used."""
-    return torch.autograd.graph.saved_tensors_hooks(_clone_activation, _unpack)
 
 
 def _rope_outside(inner: Callable | None) -> Callable:
@@ -95,11 +80,12 @@ class _JointReader:
         self._count += 1
         return self.family.block_of(to, self._count - 1)
 
-    def probabilities(self, key: BlockKey, q, k, heads: int, skip_reshape: bool, mask) -> torch.Tensor:
+    def probabilities(self, key: BlockKey, q, k, heads: int, skip_reshape: bool, mask,
+                      run_chunk=None) -> torch.Tensor:
         """``(B, gh, gw, T)`` image x text probabilities of block ``key``, averaged over heads."""
         qh, kh = split_heads(q, heads, skip_reshape), split_heads(k, heads, skip_reshape)
         image, text = token_ranges(kh.shape[-2], self.n_text, self.family.text_first(self.dm, key))
-        probs = text_probabilities(qh, kh, image, text, mask)
+        probs = text_probabilities(qh, kh, image, text, mask, run_chunk=run_chunk)
         return probs.reshape(probs.shape[0], *self.grid, self.n_text)
 
     def fits(self, n: int) -> bool:
@@ -128,7 +114,7 @@ class JointGradCapture(_JointReader):
                                  f"{self.grid[0]}x{self.grid[1]} image tokens: reference latents (Kontext) and "
                                  f"other extra tokens are not supported by Attend-and-Excite.")
             self.seen[key] = self.grid
-            self.maps[key] = self.probabilities(key, q, k, heads, skip_reshape, mask)
+            self.maps[key] = self.probabilities(key, q, k, heads, skip_reshape, mask, recompute_in_backward)
         if key is not None and key == self.stop_after:
             raise StopForward()  # nothing later in the model changes the maps
         return comfy_attention.attention_pytorch(*args, **kwargs)

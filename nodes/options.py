@@ -79,10 +79,10 @@ def option_inputs() -> list:
                                  "the same arithmetic without Python overhead (about 3x faster passes). Ignored on "
                                  "CPU; off by itself with ControlNet, hook keyframes, timestep ranges or other "
                                  "nodes' model patches (the log says why). Turn off to rule it out when debugging."),
-        io.String.Input("joint_blocks", default=d.joint_blocks,
+        io.String.Input("joint_blocks", default=d.joint_blocks, optional=True,  # optional: prompts saved without it run
                         tooltip="Flux and SD3: the joint-attention blocks whose maps feed the loss; the gradient pass "
                                 "stops after the last. auto: Flux's 19 double-stream blocks, SD3's middle range "
-                                "(blocks n/4 to n/2-1, 6-11 of 24). all, double, single (Flux), or block numbers in "
+                                "(blocks n/4 to 3n/8-1, 6-8 of 24). all, double, single (Flux), or block numbers in "
                                 "execution order such as 6-11 (Flux's single blocks come after the double ones). "
                                 "Ignored on UNets. Defaults not yet validated on real weights."),
     ]

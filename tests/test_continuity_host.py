@@ -40,12 +40,19 @@ def host(comfy_inprocess, tiny_checkpoint):
     return load_host(comfy_inprocess, tiny_checkpoint, PROMPT, SUBJECTS)
 
 
+def side_for(name: str) -> int:
+    """The latent side: 8 for the samplers A&E refuses (only scale_factor 0 runs; dpm_adaptive takes hundreds of
+    model calls on a random model), else ``SIDE``."""
+    return 8 if name in NOT_GUIDABLE else SIDE
+
+
 def plain(host, sampler_name: str) -> torch.Tensor:
     import nodes as comfy_nodes
 
+    side = side_for(sampler_name)
     with torch.inference_mode():
         (out,) = comfy_nodes.common_ksampler(host["model"], SEED, STEPS, CFG, sampler_name, scheduler_for(sampler_name),
-                                             host["pos"], host["neg"], {"samples": torch.zeros(1, 4, SIDE, SIDE)})
+                                             host["pos"], host["neg"], {"samples": torch.zeros(1, 4, side, side)})
     return out["samples"]
 
 
@@ -53,9 +60,10 @@ def attend_excite(host, sampler_name: str, scale_factor: float) -> torch.Tensor:
     from comfyui_attend_excite.nodes.samplers import AttendExciteKSampler
 
     params = {**AE_DEFAULTS, "scale_factor": scale_factor, "refinement": ""}
+    side = side_for(sampler_name)
     with torch.inference_mode():
         out = AttendExciteKSampler.execute(host["model"], SEED, STEPS, CFG, sampler_name, scheduler_for(sampler_name),
-                                           host["pos"], host["neg"], {"samples": torch.zeros(1, 4, SIDE, SIDE)}, 1.0,
+                                           host["pos"], host["neg"], {"samples": torch.zeros(1, 4, side, side)}, 1.0,
                                            **params)
     return out.args[0]["samples"]
 

@@ -45,11 +45,10 @@ def test_pass_reads_the_double_block_and_stops_there(rows):
                                                                                  abs=1e-3)
 
 
-def test_chunk_inputs_are_copied_once_per_chunk_by_the_pass_hook(rows):
-    """The pack's capture under its cloning saved-tensor hook keeps the whole key tensor once per chunk (and the
-    chunks of the image queries); saved once, the same arithmetic keeps that much less."""
+def test_chunk_inputs_are_kept_once_under_the_pass_hook(rows):
+    """The pack's capture under its cloning saved-tensor hook keeps the keys and image queries once per block, as
+    a capture that saves its inputs by reference: PyTorch's checkpoint of each chunk must not copy the whole key
+    tensor once per chunk (6 chunks here: 6 key copies before the capture kept its chunks' inputs itself)."""
     as_is, once = rows[f"gradient_joint+chunk{CHUNK}"], rows[f"gradient_joint+inputs_once+chunk{CHUNK}"]
-    key = HEADS * N * (H // HEADS) * 2  # (1, 2, 320, 96) bfloat16
-    image_queries = HEADS * IMG * (H // HEADS) * 2
-    assert as_is["saved_bytes"] - once["saved_bytes"] == 6 * key + image_queries
+    assert as_is["saved_bytes"] == once["saved_bytes"]
     assert as_is["flop"] == once["flop"]

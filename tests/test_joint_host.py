@@ -234,7 +234,7 @@ def test_block_choice_and_unsupported_models(pack, tiny):
         fam.FLUX.choose(flux_dm, "5")
     with pytest.raises(ValueError, match="SD3 has no double blocks"):
         fam.SD3.choose(sd3_dm, "double")
-    assert fam.SD3.default([("joint", i) for i in range(24)]) == [("joint", i) for i in range(6, 12)]
+    assert fam.SD3.default([("joint", i) for i in range(24)]) == [("joint", i) for i in range(6, 9)]
 
     class HunyuanVideo:  # another transformer family, no UNet cross-attention
         diffusion_model = torch.nn.Linear(2, 2)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from attention.guidance import clone_saved_activations, recompute_in_backward
 from attention.inputs import joint_blocks_problem, parse_joint_blocks
 from attention.joint import mask_bias, split_heads, text_probabilities, token_ranges
 from attention.step import step_scale, x_space_step
@@ -67,7 +68,7 @@ def test_gradient_reaches_q_and_k_through_the_chunks():
     q = torch.randn(1, 2, 9, 4, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 2, 9, 4, generator=g, dtype=torch.float64, requires_grad=True)
     image, text = slice(3, 9), slice(0, 3)
-    got = text_probabilities(q, k, image, text, chunk_elements=2 * 9)  # one row per chunk, recomputed in backward
+    got = text_probabilities(q, k, image, text, chunk_elements=2 * 9, run_chunk=recompute_in_backward)
     got[..., 1].max().backward()
     gq, gk = q.grad.clone(), k.grad.clone()
     q.grad = k.grad = None
@@ -122,3 +123,37 @@ def test_sentencepiece_pieces_read_as_words():
     assert [w for w, _ in words(bpe)] == ["a", "red", "caféxo", "cat"]
     table = token_table(bpe, excited=[6])
     assert "- 3: café (caféxo)" in table and table.endswith("- 6: cat  ← excited")
+
+
+def test_chunks_keep_the_shared_keys_by_reference_in_a_cloning_pass():
+    """Inside a pass that clones saved activations (Flux), the chunks recomputed in the backward must not copy all
+    keys once per chunk. A cloning hook like :func:`clone_saved_activations` counts the key copies it makes: none
+    with :func:`recompute_in_backward`, one per chunk with a bare checkpoint."""
+    b, h, n, d, n_text = 1, 4, 272, 8, 16
+    leaf_q = torch.randn(b, h, n, d, requires_grad=True)
+    leaf_k = torch.randn(b, h, n, d, requires_grad=True)
+    q, k = leaf_q * 1, leaf_k * 1  # activations in the graph, as a model's q and k are
+
+    def key_copies(run_chunk) -> int:
+        copies = []
+
+        def clone(t):
+            if t.requires_grad and t.shape == k.shape:
+                copies.append(1)
+            return t.clone() if t.requires_grad else t
+
+        with torch.autograd.graph.saved_tensors_hooks(clone, lambda t: t):
+            p = text_probabilities(q, k, slice(n_text, n), slice(0, n_text), chunk_elements=b * h * n * 16,
+                                   run_chunk=run_chunk)
+        (gk,) = torch.autograd.grad(p.sum(), leaf_k, retain_graph=True)
+        assert gk.abs().sum() > 0
+        return len(copies)
+
+    def bare(fn, *args):
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+    assert key_copies(bare) >= 16  # 256 image rows, 16 per chunk
+    assert key_copies(recompute_in_backward) == 0
+    with clone_saved_activations():  # the pack's own cloning context: the same result
+        p = text_probabilities(q, k, slice(n_text, n), slice(0, n_text), run_chunk=recompute_in_backward)
+    torch.testing.assert_close(p, text_probabilities(q, k, slice(n_text, n), slice(0, n_text)))
