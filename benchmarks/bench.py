@@ -274,7 +274,9 @@ def write_results(rows: list[dict], table: str, markdown: Path | None, stream: T
 class Emitter:
     """Writes each measurement as it is made: stdout, the JSONL file and a rewritten Markdown file."""
 
-    def __init__(self, stream: TextIO, out: Path | None, markdown: Path | None, append: bool) -> None:
+    def __init__(self, stream: TextIO, out: Path | None, markdown: Path | None, append: bool,
+                 table=None) -> None:
+        self.table = table if table is not None else markdown_table  # rows -> the Markdown table
         self.stream = stream
         self.rows: list[dict] = []
         self.markdown = markdown
@@ -296,10 +298,10 @@ class Emitter:
     def _write_markdown(self) -> None:
         if self.markdown is not None:
             self.markdown.parent.mkdir(parents=True, exist_ok=True)
-            self.markdown.write_text(markdown_table(self.rows), encoding="utf-8")
+            self.markdown.write_text(self.table(self.rows), encoding="utf-8")
 
     def finish(self) -> None:
-        self.stream.write("\n" + markdown_table(self.rows))
+        self.stream.write("\n" + self.table(self.rows))
         self.stream.flush()
         self._write_markdown()
         if self.out is not None:
@@ -1116,30 +1118,38 @@ def main(argv: list[str] | None = None) -> int:
                 args.markdown.write_text(table, encoding="utf-8")
             stdout.write(table)
             return 0
-        setup_comfy(args.comfy_root, cpu=args.device == "cpu")
-        import torch
-
-        if args.threads > 0:
-            torch.set_num_threads(args.threads)
-        if args.device == "cuda" and not torch.cuda.is_available():
-            log.error("--device cuda: torch sees no CUDA device")
-            return 2
-        emitter = Emitter(stdout, args.out, args.markdown, args.append)
-        bench = Bench(args, emitter)
-        log.info("device %s, torch %s, ComfyUI %s, commit %s", bench.meta["device_name"], torch.__version__,
-                 bench.meta["comfyui"], bench.meta["commit"])
-        try:
-            for arch in args.arch:
-                try:
-                    bench.run_arch(arch)
-                except Exception:  # noqa: BLE001 - report, go on with the next architecture
-                    log.exception("benchmark of %s failed", arch)
-                    bench.failed = True
-        finally:
-            emitter.finish()
-        return 1 if bench.failed else 0
+        return run_architectures(args, stdout, Bench)
     finally:
         sys.stdout = stdout
+
+
+def run_architectures(args, stdout: TextIO, make_runner, table=None) -> int:
+    """The body of a benchmark script's ``main``: ComfyUI set up, threads, the CUDA check, then
+    ``make_runner(args, emitter).run_arch(arch)`` for each of ``args.arch`` (a failing one is logged and the next
+    runs), rows through an :class:`Emitter` on ``stdout`` (``table``: its Markdown table). Exit code 1 if any
+    failed."""
+    setup_comfy(args.comfy_root, cpu=args.device == "cpu")
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        log.error("--device cuda: torch sees no CUDA device")
+        return 2
+    emitter = Emitter(stdout, args.out, args.markdown, args.append, table)
+    runner = make_runner(args, emitter)
+    log.info("device %s, torch %s, ComfyUI %s, commit %s", runner.meta["device_name"], torch.__version__,
+             runner.meta["comfyui"], runner.meta["commit"])
+    try:
+        for arch in args.arch:
+            try:
+                runner.run_arch(arch)
+            except Exception:  # noqa: BLE001 - report, go on with the next architecture
+                log.exception("benchmark of %s failed", arch)
+                runner.failed = True
+    finally:
+        emitter.finish()
+    return 1 if runner.failed else 0
 
 
 if __name__ == "__main__":

@@ -362,30 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(bench.PACK).setLevel(logging.WARNING)
     stdout = sys.stdout
     sys.stdout = sys.stderr  # anything else that prints must not mix into the results
-    bench.markdown_table = markdown_table  # the Emitter's table: the DiT columns
     try:
-        bench.setup_comfy(args.comfy_root, cpu=args.device == "cpu")
-        import torch
-
-        if args.threads > 0:
-            torch.set_num_threads(args.threads)
-        if args.device == "cuda" and not torch.cuda.is_available():
-            log.error("--device cuda: torch sees no CUDA device")
-            return 2
-        emitter = bench.Emitter(stdout, args.out, args.markdown, args.append)
-        runner = DitBench(args, emitter)
-        log.info("device %s, torch %s, ComfyUI %s, commit %s", runner.meta["device_name"], torch.__version__,
-                 runner.meta["comfyui"], runner.meta["commit"])
-        try:
-            for arch in args.arch:
-                try:
-                    runner.run_arch(arch)
-                except Exception:  # noqa: BLE001 - report, go on with the next architecture
-                    log.exception("benchmark of %s failed", arch)
-                    runner.failed = True
-        finally:
-            emitter.finish()
-        return 1 if runner.failed else 0
+        return bench.run_architectures(args, stdout, DitBench, markdown_table)
     finally:
         sys.stdout = stdout
 

@@ -80,6 +80,21 @@ def comfy_server(
 
 
 @pytest.fixture(scope="session")
+def tiny_dit_server(comfy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[server_mod.ComfyServer]:
+    """A running ComfyUI server (CPU) with this pack and the test-only tiny Flux/SD3 loader node
+    (``AETinyTransformerLoader``, tests/fixtures/ae_tiny_loaders); stopped at the end."""
+    import tiny_dit
+
+    server = server_mod.ComfyServer(tmp_path_factory.mktemp("comfy_tiny_dit"), comfy_root=comfy_root,
+                                    custom_node_dirs=(REPO_ROOT, tiny_dit.LOADER_NODE_DIR))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def comfy_inprocess(comfy_root: Path) -> types.SimpleNamespace:
     """ComfyUI importable in this process, CPU mode.
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from comfy_server import REPO_ROOT, ComfyError, ComfyServer
+from comfy_server import ComfyError, ComfyServer
 from PIL import Image
 from run_demo import build_prompt, joint_family, with_tiny_loader
 
@@ -27,17 +27,9 @@ SUBJECTS = ["cat", "frog"]
 
 
 @pytest.fixture(scope="module")
-def server(comfy_root, tmp_path_factory):
-    """One ComfyUI server with the pack and the tiny Flux/SD3 loader node."""
-    import tiny_dit
-
-    server = ComfyServer(tmp_path_factory.mktemp("comfy_joint"), comfy_root=comfy_root,
-                         custom_node_dirs=(REPO_ROOT, tiny_dit.LOADER_NODE_DIR))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+def server(tiny_dit_server):
+    """The session's server with the pack and the tiny Flux/SD3 loader node (conftest)."""
+    return tiny_dit_server
 
 
 def tiny_prompt(server: ComfyServer, family: str) -> dict:

@@ -3,8 +3,6 @@ and text encoders (one KSampler step at 64 px, deterministic per seed), and the 
 
 from __future__ import annotations
 
-import tempfile
-
 import pytest
 import torch
 
@@ -96,17 +94,14 @@ def test_tiny_model_ksampler_step(td, clips, family):
     assert image.shape == (1, 64, 64, 3) and torch.isfinite(image).all()
 
 
-def test_loader_node_in_server(td, comfy_root):
+def test_loader_node_in_server(tiny_dit_server):
     """The test-only node pack loads in a ComfyUI server and its models run a KSampler graph end to end."""
-    import comfy_server
-
-    with tempfile.TemporaryDirectory() as base, comfy_server.ComfyServer(
-            base, comfy_root=comfy_root, custom_node_dirs=(comfy_server.REPO_ROOT, td.LOADER_NODE_DIR)) as server:
-        info = server.object_info("AETinyTransformerLoader")["AETinyTransformerLoader"]
-        assert info["output"] == ["MODEL", "CLIP", "VAE"]
-        for family in ("flux", "sd3"):
-            history = server.run(_graph(family), timeout=300)
-            assert history["outputs"]["7"]["images"], family
+    server = tiny_dit_server
+    info = server.object_info("AETinyTransformerLoader")["AETinyTransformerLoader"]
+    assert info["output"] == ["MODEL", "CLIP", "VAE"]
+    for family in ("flux", "sd3"):
+        history = server.run(_graph(family), timeout=300)
+        assert history["outputs"]["7"]["images"], family
 
 
 def _graph(family: str) -> dict:
