@@ -23,7 +23,7 @@ import math
 from typing import Any
 
 import bench
-import cost_model as base  # the counters (measure) and the pack's families module
+import cost_counting as base  # the counters (measure) and the pack's families module
 
 CAPTURE_OPTIONS = ("as_is", "inputs_once")
 RMS_NORM_OPTIONS = ("fused", "composite")
