@@ -319,14 +319,10 @@ class DitBench(bench.Bench):
 
 
 def _blocks_label(keys: list) -> str:
-    """``double.0-18``-style label of block keys (runs of one kind)."""
-    runs: list[list] = []
-    for kind, i in keys:
-        if runs and runs[-1][0] == kind and runs[-1][2] == i - 1:
-            runs[-1][2] = i
-        else:
-            runs.append([kind, i, i])
-    return ",".join(f"{k}.{a}" if a == b else f"{k}.{a}-{b}" for k, a, b in runs)
+    """``double.0-18``-style label of block keys, as the pack names its recorded maps."""
+    import importlib
+
+    return importlib.import_module(f"{bench.PACK}.nodes.joint_capture").blocks_label(keys)
 
 
 def _config_summary(arch: str, variant: str) -> dict[str, Any]:

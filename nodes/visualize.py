@@ -67,7 +67,8 @@ def inputs() -> list:
                                "start_percent (0.5 = the paper's guided steps)."),
         io.String.Input("layers", default="all",
                         tooltip="'all' (the layers A&E reads) or comma-separated layer names such as "
-                                "'input.7.0, output.3.0' (UNets), 'double.3' (Flux blocks), 'joint.6' (SD3)."),
+                                "'input.7.0, output.3.0' (UNets). Flux and SD3 record one map averaged over the "
+                                "blocks read, named like 'double.0-18' or 'joint.6-8'."),
         io.Float.Input("alpha", default=0.55, min=0.0, max=1.0, step=0.05,
                        tooltip="Heatmap opacity over the image, 0 (image only) to 1 (heatmap only)."),
     ]
