@@ -39,6 +39,7 @@ from .joint_capture import (
     JointGradCapture,
     JointRecorder,
     block_name,
+    with_block_tags,
     with_differentiable_rope,
 )
 
@@ -149,7 +150,9 @@ class JointFamily:
     """A joint-attention family: ``blocks(dm)`` in execution order, ``default(blocks)`` read when ``joint_blocks``
     is ``auto``, ``text_first(dm, key)``, ``block_of(transformer_options, joint_call_index)`` (the block of an
     attention call), ``patch(dm)`` (latent pixels per image token side), ``rope_blocks``: the ``dit`` block replace
-    name of each block kind whose rotary embedding the gradient pass applies itself (:mod:`.joint_capture`)."""
+    name of each block kind whose rotary embedding the gradient pass applies itself, ``tag_blocks``: the ``dit``
+    block replace name that tags the read blocks during sampling when ``block_of`` counts calls
+    (:mod:`.joint_capture`)."""
 
     name: str
     model_types: tuple[str, ...]  # comfy.model_base class names
@@ -159,6 +162,7 @@ class JointFamily:
     block_of: Callable[[dict, int], BlockKey | None]
     patch: Callable[[torch.nn.Module], int]
     rope_blocks: tuple[tuple[str, str], ...] = ()
+    tag_blocks: str | None = None  # dit replace name that tags the read blocks while maps are recorded
 
     def choose(self, dm: torch.nn.Module, joint_blocks: str) -> list[BlockKey]:
         blocks = self.blocks(dm)
@@ -207,6 +211,7 @@ SD3 = JointFamily(
     text_first=lambda dm, key: True,
     block_of=lambda to, call: ("joint", call),  # ComfyUI does not tag SD3's blocks: count the joint calls
     patch=lambda dm: int(dm.x_embedder.patch_size[0]),
+    tag_blocks="double_block",  # sampling may skip blocks (Skip Layer Guidance): the recorder does not count
 )
 
 JOINT_FAMILIES = (FLUX, SD3)
@@ -235,6 +240,9 @@ class JointReader:
             capture.inner = to.get("optimized_attention_override")  # another node's: its output stands
         to["optimized_attention_override"] = capture.override
         model_options = {**model_options, "transformer_options": to}
+        if isinstance(capture, JointRecorder) and self.family.tag_blocks:
+            model_options = with_block_tags(model_options, self.family.tag_blocks, keys)
+            capture.tagged = True
         if isinstance(capture, JointGradCapture) and self.family.rope_blocks and keys:
             names = dict(self.family.rope_blocks)
             blocks = self.family.blocks(self.dm)

@@ -27,6 +27,7 @@ from .capture import MapRecorder, StopForward
 
 BlockKey = tuple[str, int]  # ("double", i), ("single", i) (Flux) or ("joint", i) (SD3)
 ROPE_KEY = "attend_excite_rope"  # transformer_options entry: the block's rotary embedding, applied by the capture
+BLOCK_TAG = "attend_excite_block"  # transformer_options entry: the read block a call belongs to (tagged families)
 
 
 def _rope_outside(inner: Callable | None) -> Callable:
@@ -47,6 +48,25 @@ def with_differentiable_rope(model_options: dict, blocks: list[tuple[str, int]])
         replaced = model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
         model_options = comfy.model_patcher.set_model_options_patch_replace(
             model_options, _rope_outside(replaced.get((name, i))), "dit", name, i)
+    return model_options
+
+
+def _tag_block(key: BlockKey, inner: Callable | None) -> Callable:
+    """A ``dit`` block replace patch that marks the block's attention calls as ``key`` (:data:`BLOCK_TAG`);
+    ``inner``: another node's replace patch of the block (e.g. Skip Layer Guidance), which still decides what runs."""
+    def block(args: dict, extra: dict):
+        args = {**args, "transformer_options": {**args["transformer_options"], BLOCK_TAG: key}}
+        return inner(args, extra) if inner is not None else extra["original_block"](args)
+
+    return block
+
+
+def with_block_tags(model_options: dict, replace_name: str, keys: list[BlockKey]) -> dict:
+    """A copy of ``model_options`` whose ``dit`` blocks ``(replace_name, index)`` of ``keys`` tag their calls."""
+    for key in keys:
+        replaced = model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+        model_options = comfy.model_patcher.set_model_options_patch_replace(
+            model_options, _tag_block(key, replaced.get((replace_name, key[1]))), "dit", replace_name, key[1])
     return model_options
 
 
@@ -71,10 +91,13 @@ class _JointReader:
         self.n_text, self.grid = n_text, tuple(grid)
         self._call: dict | None = None  # the transformer_options of the current model call (SD3's block count)
         self._count = 0
+        self.tagged = False  # the read blocks carry BLOCK_TAG (:func:`with_block_tags`): other calls are not read
 
     def _block(self, to: dict, n: int) -> BlockKey | None:
         if n <= self.grid[0] * self.grid[1]:
             return None  # image-only attention (SD3.5's second attention in a block)
+        if self.tagged:
+            return to.get(BLOCK_TAG)
         if to is not self._call:
             self._call, self._count = to, 0
         self._count += 1
@@ -148,7 +171,7 @@ class JointRecorder(MapRecorder, _JointReader):
         _JointReader.__init__(self, family, diffusion_model, keys, n_text, grid)
         self.inner = inner  # another node's override, whose output the model keeps
         self.last, self.label = keys[-1], blocks_label(keys)
-        self._sum: tuple[dict | None, torch.Tensor | None, int] = (None, None, 0)  # (call, sum of maps, blocks)
+        self._sum: tuple[object, torch.Tensor | None, int] = (None, None, 0)  # (model call, sum of maps, blocks)
 
     def override(self, func, *args, **kwargs):
         out = self.inner(func, *args, **kwargs) if self.inner is not None else func(*args, **kwargs)
@@ -167,8 +190,9 @@ class JointRecorder(MapRecorder, _JointReader):
             probs = self.probabilities(key, q[rows], k[rows], heads, skip_reshape,
                                        mask if mask is None or mask.ndim < 3 or mask.shape[0] == 1 else mask[rows])
             call, total, n = self._sum
-            total, n = (probs, 1) if call is not to else (total + probs, n + 1)
-        self._sum = (to, total, n)
+            this = to.get("cond_or_uncond", to)  # one list per model call (tagged blocks get copies of the options)
+            total, n = (probs, 1) if call is not this else (total + probs, n + 1)
+        self._sum = (this, total, n)
         if key == self.last:
             self.record.add_map(step, self.label, total / n)
             self._sum = (None, None, 0)

@@ -256,3 +256,29 @@ def test_flux_loaded_from_a_diffusion_model_file(pack, tiny):
     record = pack.attention.record.AttentionRecord()
     out = _run(pack, t, "euler", 20.0, record, steps=2)
     assert torch.isfinite(out).all() and len(record.losses[0]) >= 2
+
+
+def test_sd3_maps_follow_the_blocks_when_another_node_skips_one(pack, tiny):
+    """Skip Layer Guidance and similar nodes skip SD3 blocks through ``dit`` replace patches: the recorder tags the
+    read blocks instead of counting calls, so the map of block 1 is still block 1's when block 0 does not run."""
+    t = tiny["sd3"]
+    model = t["model"]
+    reader = _reader(pack, model, t["spec"], joint_blocks="all")
+    store, seen = MapStore(), []
+    rec = reader.recorder(store, [0.7, 0.0])
+
+    def skip(args, extra):  # what SkipLayerGuidanceSD3 installs for a skipped block
+        return {"img": args["img"], "txt": args["txt"]}
+
+    others = {"transformer_options": {"patches_replace": {"dit": {("double_block", 0): skip}}}}
+    mo = reader.install(others, rec, reader.keys)
+    mo["transformer_options"]["optimized_attention_override"] = _spy(rec.override, seen)
+    x = torch.randn(LATENT, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        _cond_batch(model, _as_sampler_cond(t), x, torch.tensor([0.7]), mo)
+    joint = [s for s in seen if s[2].shape[1] > reader.target_hw[0] * reader.target_hw[1]]
+    assert len(joint) == 1  # block 0 was skipped
+    _, _, q, k, skip_reshape, heads = joint[0]
+    (label, got), = store.maps.items()
+    want = _explicit(q, k, heads, skip_reshape, t["spec"].num_keys, True, reader.target_hw)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)  # block 1's map, as one of one read block
