@@ -160,7 +160,7 @@ def test_harness_on_flux_with_the_tiny_loader(tiny_dit_server, tmp_path, capsys)
     args = ["--servers", tiny_dit_server.url, "--family", "flux", "--checkpoint", "tiny", "--prompts", str(PROMPTS),
             "--subsets", "animals", "--limit", "1", "--seeds", "1", "--steps", "4", "--size", "64",
             "--max-refinement-steps", "2", "--timeout", "300", "--out", str(out)]
-    earlier = set(tiny_dit_server.get_json("/history"))  # the session's server also ran other tests' prompts
+    earlier = set(tiny_dit_server.get_json("/history"))  # the shared test server also ran other tests' prompts
     assert evaluate.main(args, loader=tiny_flux_loader) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result == {**result, "queued": 2, "failed": 0, "images": 2, "jobs": 2}

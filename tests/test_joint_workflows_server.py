@@ -28,7 +28,7 @@ SUBJECTS = ["cat", "frog"]
 
 @pytest.fixture(scope="module")
 def server(tiny_dit_server):
-    """The session's server with the pack and the tiny Flux/SD3 loader node (conftest)."""
+    """The shared test server with the pack and the tiny Flux/SD3 loader node (conftest)."""
     return tiny_dit_server
 
 
