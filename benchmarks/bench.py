@@ -134,17 +134,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--comfy-root", help="ComfyUI source folder (default: $COMFYUI_ROOT, else <repo>/.comfyui)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, including the pack's own")
     args = p.parse_args(argv)
+    check_args(p, args, ARCHS, MODES, 8)
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, archs, modes, size_multiple: int) -> None:
+    """The checks a benchmark script's common options share: known ``--arch`` and modes, ``--size`` 'auto' or a
+    multiple of ``size_multiple`` pixels, positive steps, repeats and batch sizes (``p.error`` otherwise)."""
     for arch in args.arch:
-        if arch not in ARCHS:
-            p.error(f"unknown --arch {arch!r}; choose from {', '.join(ARCHS)}")
+        if arch not in archs:
+            p.error(f"unknown --arch {arch!r}; choose from {', '.join(archs)}")
     for mode in args.modes:
-        if mode not in MODES:
-            p.error(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    if args.size != "auto" and (not args.size.isdigit() or int(args.size) % 8):
-        p.error("--size must be 'auto' or a pixel size divisible by 8")
+        if mode not in modes:
+            p.error(f"unknown mode {mode!r}; choose from {', '.join(modes)}")
+    if args.size != "auto" and (not args.size.isdigit() or int(args.size) % size_multiple):
+        p.error(f"--size must be 'auto' or a pixel size divisible by {size_multiple}")
     if args.steps < 1 or args.repeats < 1 or min(args.batch) < 1:
         p.error("--steps, --repeats and --batch must be positive")
-    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------

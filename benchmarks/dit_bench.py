@@ -179,16 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--comfy-root", help="ComfyUI source folder (default: $COMFYUI_ROOT, else <repo>/.comfyui)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    for arch in args.arch:
-        if arch not in ARCHS:
-            p.error(f"unknown --arch {arch!r}; choose from {', '.join(ARCHS)}")
-    for mode in args.modes:
-        if mode not in MODES:
-            p.error(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    if args.size != "auto" and (not args.size.isdigit() or int(args.size) % 16):
-        p.error("--size must be 'auto' or a pixel size divisible by 16")
-    if args.steps < 1 or args.repeats < 1 or min(args.batch) < 1:
-        p.error("--steps, --repeats and --batch must be positive")
+    bench.check_args(p, args, ARCHS, MODES, 16)
     # what bench.Bench reads and the DiT rows do not vary
     args.weights, args.blocks, args.cuda_graph = "reference", "all", "on"
     args.check_graph, args.profile, args.diffusers = False, None, False
