@@ -265,6 +265,16 @@ class MapRecorder:
         self._last = (sig, step)
         return step
 
+    def _cond_rows(self, options: dict, batch: int) -> tuple[int, slice] | None:
+        """``(step, rows of the cond branch)`` of a call with ``batch`` rows, or ``None`` when the call has no
+        cond branch or is at no step of the run's schedule."""
+        step = self._step(options)
+        chunks = options.get("cond_or_uncond") or [0]
+        if step is None or 0 not in chunks:
+            return None
+        size = batch // len(chunks)
+        return step, slice(chunks.index(0) * size, (chunks.index(0) + 1) * size)
+
     def patch(self, key: LayerKey, inner: Callable | None = None) -> Callable:
         """The replace patch for ``key``; ``inner``: another node's replace patch of that layer, whose output the
         layer keeps (plain sampling with that node stays bit-identical)."""
@@ -280,19 +290,15 @@ class MapRecorder:
             hw = _hw(extra_options, q.shape[1])
             if (hw != self.target_hw) if self.targets is None else (key not in self.targets):
                 return out
-            step = self._step(extra_options)
-            chunks = extra_options.get("cond_or_uncond") or [0]
-            if step is None or 0 not in chunks:
+            found = self._cond_rows(extra_options, q.shape[0])
+            if found is None:
                 return out
-            size = q.shape[0] // len(chunks)
-            c = chunks.index(0)
+            step, rows = found
             precision = self.precision(extra_options.get("attn_precision"), q.dtype)
             with torch.no_grad():
-                probs = attention_probs(q[c * size:(c + 1) * size], k[c * size:(c + 1) * size], heads,
-                                        precision).mean(1)
-                probs = fit_map(probs, hw, self.target_hw)
+                probs = fit_map(attention_probs(q[rows], k[rows], heads, precision).mean(1), hw, self.target_hw)
             h, w = self.target_hw
-            self.record.add_map(step, name, probs.reshape(size, h, w, -1))
+            self.record.add_map(step, name, probs.reshape(probs.shape[0], h, w, -1))
             return out
 
         return attn2

@@ -30,44 +30,48 @@ ROPE_KEY = "attend_excite_rope"  # transformer_options entry: the block's rotary
 BLOCK_TAG = "attend_excite_block"  # transformer_options entry: the read block a call belongs to (tagged families)
 
 
-def _rope_outside(inner: Callable | None) -> Callable:
-    """A ``dit`` block replace patch that runs the block without its rotary embedding and hands the embedding to
-    the capture in ``transformer_options`` (:data:`ROPE_KEY`), which applies it with a backward
-    (:func:`attention.joint.apply_rope`). ``inner``: another node's replace patch of the block, which still runs."""
+def _block_patch(inner: Callable | None, edit: Callable[[dict], dict]) -> Callable:
+    """A ``dit`` block replace patch that runs the block with its arguments changed by ``edit``; ``inner``: another
+    node's replace patch of the block (e.g. Skip Layer Guidance), which still decides what runs."""
     def block(args: dict, extra: dict):
-        args = {**args, "pe": None, "transformer_options": {**args["transformer_options"], ROPE_KEY: args["pe"]}}
+        args = edit(args)
         return inner(args, extra) if inner is not None else extra["original_block"](args)
 
     return block
+
+
+def with_block_patches(model_options: dict, blocks: list[tuple[str, int]],
+                       edit_for: Callable[[int], Callable[[dict], dict]]) -> dict:
+    """A copy of ``model_options`` whose ``dit`` blocks ``(replace name, index)`` run with their arguments changed by
+    ``edit_for(index)`` (:func:`_block_patch`, wrapping another node's patch of the block)."""
+    for name, i in blocks:
+        replaced = model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+        model_options = comfy.model_patcher.set_model_options_patch_replace(
+            model_options, _block_patch(replaced.get((name, i)), edit_for(i)), "dit", name, i)
+    return model_options
+
+
+def _rope_to_capture(args: dict) -> dict:
+    """The block runs without its rotary embedding; the capture gets it (:data:`ROPE_KEY`) and applies it with a
+    backward (:func:`attention.joint.apply_rope`)."""
+    return {**args, "pe": None, "transformer_options": {**args["transformer_options"], ROPE_KEY: args["pe"]}}
 
 
 def with_differentiable_rope(model_options: dict, blocks: list[tuple[str, int]]) -> dict:
     """A copy of ``model_options`` whose ``dit`` blocks ``(replace name, index)`` apply their rotary embedding in
-    the capture (:func:`_rope_outside`)."""
-    for name, i in blocks:
-        replaced = model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-        model_options = comfy.model_patcher.set_model_options_patch_replace(
-            model_options, _rope_outside(replaced.get((name, i))), "dit", name, i)
-    return model_options
-
-
-def _tag_block(key: BlockKey, inner: Callable | None) -> Callable:
-    """A ``dit`` block replace patch that marks the block's attention calls as ``key`` (:data:`BLOCK_TAG`);
-    ``inner``: another node's replace patch of the block (e.g. Skip Layer Guidance), which still decides what runs."""
-    def block(args: dict, extra: dict):
-        args = {**args, "transformer_options": {**args["transformer_options"], BLOCK_TAG: key}}
-        return inner(args, extra) if inner is not None else extra["original_block"](args)
-
-    return block
+    the capture."""
+    return with_block_patches(model_options, blocks, lambda i: _rope_to_capture)
 
 
 def with_block_tags(model_options: dict, replace_name: str, keys: list[BlockKey]) -> dict:
-    """A copy of ``model_options`` whose ``dit`` blocks ``(replace_name, index)`` of ``keys`` tag their calls."""
-    for key in keys:
-        replaced = model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-        model_options = comfy.model_patcher.set_model_options_patch_replace(
-            model_options, _tag_block(key, replaced.get((replace_name, key[1]))), "dit", replace_name, key[1])
-    return model_options
+    """A copy of ``model_options`` whose ``dit`` blocks ``(replace_name, index)`` of ``keys`` mark their attention
+    calls as that key (:data:`BLOCK_TAG`)."""
+    by_index = {key[1]: key for key in keys}
+
+    def tag(i: int) -> Callable[[dict], dict]:
+        return lambda args: {**args, "transformer_options": {**args["transformer_options"], BLOCK_TAG: by_index[i]}}
+
+    return with_block_patches(model_options, [(replace_name, i) for i in by_index], tag)
 
 
 def block_name(key: BlockKey) -> str:
@@ -122,7 +126,6 @@ class JointGradCapture(_JointReader):
         super().__init__(family, diffusion_model, keys, n_text, grid)
         self.stop_after = stop_after
         self.maps: dict[BlockKey, torch.Tensor] = {}
-        self.seen: dict[BlockKey, tuple[int, int]] = {}
 
     def override(self, func, *args, **kwargs):
         to = kwargs.get("transformer_options") or {}
@@ -136,7 +139,6 @@ class JointGradCapture(_JointReader):
                 raise ValueError(f"the model attends over {n} tokens, not the prompt's {self.n_text} text tokens and "
                                  f"{self.grid[0]}x{self.grid[1]} image tokens: reference latents (Kontext) and "
                                  f"other extra tokens are not supported by Attend-and-Excite.")
-            self.seen[key] = self.grid
             self.maps[key] = self.probabilities(key, q, k, heads, skip_reshape, mask, recompute_in_backward)
         if key is not None and key == self.stop_after:
             raise StopForward()  # nothing later in the model changes the maps
@@ -180,12 +182,10 @@ class JointRecorder(MapRecorder, _JointReader):
         key = self._block(to, k.shape[-2])
         if key not in self.keys or not self.fits(k.shape[-2]):
             return out  # not read, or text repeated to batch with a longer prompt: no map for this call
-        step = self._step(to)
-        chunks = to.get("cond_or_uncond") or [0]
-        if step is None or 0 not in chunks:
+        found = self._cond_rows(to, q.shape[0])
+        if found is None:
             return out
-        size = q.shape[0] // len(chunks)
-        rows = slice(chunks.index(0) * size, (chunks.index(0) + 1) * size)
+        step, rows = found
         with torch.no_grad():
             probs = self.probabilities(key, q[rows], k[rows], heads, skip_reshape,
                                        mask if mask is None or mask.ndim < 3 or mask.shape[0] == 1 else mask[rows])
