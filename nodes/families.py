@@ -135,6 +135,12 @@ class UNetReader:
     def install(self, model_options: dict, capture, keys: list[LayerKey]) -> dict:
         return with_attn2_patches(model_options, capture.patch, keys)
 
+    def nothing_read(self, capture: GradCapture, keys: list[LayerKey], n_text: int) -> str:
+        """Why a gradient pass read no map: the sizes the model's cross-attention layers had."""
+        seen = sorted({f"{h}x{w}" for h, w in capture.seen.values()})
+        return (f"no cross-attention layer works at {self.target_hw[0]}x{self.target_hw[1]}; this model has {seen}. "
+                f"Set attention_resolution to one of those sides.")
+
     def pass_context(self):
         return contextlib.nullcontext()
 
@@ -249,6 +255,11 @@ class JointReader:
             run = blocks[: blocks.index(keys[-1]) + 1]  # the blocks the pass runs
             model_options = with_differentiable_rope(model_options, [(names[b[0]], b[1]) for b in run])
         return model_options
+
+    def nothing_read(self, capture: JointGradCapture, keys: list[BlockKey], n_text: int) -> str:
+        """Why a gradient pass read no map: no call of the read blocks held the prompt's text tokens."""
+        return (f"no attention call of the {self.family.name} blocks {keys} held the prompt's {n_text} text tokens; "
+                f"is the conditioning from this model's text encoder?")
 
     def pass_context(self):
         return clone_saved_activations()

@@ -31,7 +31,7 @@ from ..attention.guidance import AutogradWeights, CudaGraphBackend, GraphedPass,
 from ..attention.loss import attend_excite_objective
 from . import graph_cache
 from .capture import StopForward, graph_safe_block_patches
-from .families import JointReader, layer_label, reader_for
+from .families import layer_label, reader_for
 from .pass_memory import GradientPassOutOfMemory, first_line, out_of_memory_message
 
 log = logging.getLogger(__name__)
@@ -145,14 +145,7 @@ class GradientPasses:
             except StopForward:
                 pass
             if not capture.maps:
-                if isinstance(self.reader, JointReader):
-                    raise ValueError(f"no attention call of the {self.reader.family.name} blocks {keys} held the "
-                                     f"prompt's {s.spec.num_keys} text tokens; is the conditioning from this model's "
-                                     f"text encoder?")
-                seen = sorted({f"{h}x{w}" for h, w in capture.seen.values()})
-                raise ValueError(f"no cross-attention layer works at {self.target_hw[0]}x"
-                                 f"{self.target_hw[1]}; this model has {seen}. Set attention_resolution to one "
-                                 f"of those sides.")
+                raise ValueError(self.reader.nothing_read(capture, keys, s.spec.num_keys))
             return attend_excite_objective(capture.aggregate(), s.indices, s.slots, smoothing=p.smoothing,
                                            kernel_size=p.kernel_size, smoothing_sigma=p.smoothing_sigma)
 
@@ -297,8 +290,8 @@ class GradientPasses:
         out, cond = [], self.subjects.cond
         if not self.params.cuda_graph:
             out.append("cuda_graph is off")
-        if isinstance(self.reader, JointReader):
-            out.append(f"{self.reader.family.name} (CUDA graphs are used on UNets only)")
+        if self.reader.joint_name is not None:
+            out.append(f"{self.reader.joint_name} (CUDA graphs are used on UNets only)")
         device = self.graph_backend.blocker(x.device)
         if device is not None:
             out.append(device)
