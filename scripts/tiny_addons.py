@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ _SCRIPTS = str(Path(__file__).resolve().parent)
 if _SCRIPTS not in sys.path:
     sys.path.insert(0, _SCRIPTS)
 from comfy_inprocess import comfy_root, repo_root, setup
-from tiny_checkpoint import LAYOUTS, seeded_init
+from tiny_checkpoint import LAYOUTS, save_atomically, seeded_init
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +103,7 @@ def input_images(size: int = 256) -> dict:
 
 
 def _save(state: dict, path: Path) -> Path:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    save_atomically(state, path)
     log.info("wrote %s (%d tensors)", path, len(state))
     return path
 

@@ -44,6 +44,7 @@ __all__ = [
     "comfy_root",
     "default_path",
     "ensure_checkpoint",
+    "save_atomically",
     "write_checkpoint",
 ]
 
@@ -143,24 +144,33 @@ def build_state_dict(layout: str = "sd15_compat", seed: int = DEFAULT_SEED) -> d
     return state
 
 
-def write_checkpoint(path: str | os.PathLike[str], layout: str = "sd15_compat", seed: int = DEFAULT_SEED) -> Path:
-    """Generate the checkpoint and write it atomically (temp file in the same folder, then rename)."""
+def save_atomically(state: Mapping[str, Any], path: str | os.PathLike[str], info: Mapping[str, Any] | None = None
+                    ) -> Path:
+    """Write ``state`` as safetensors atomically (temp file in the same folder, then rename), so that processes
+    generating the same file at once never read a half-written one. ``info``: stored as one metadata entry,
+    ``ae_tiny`` (safetensors writes several in random order: files would differ byte-wise)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    state = build_state_dict(layout, seed)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        # one metadata key: safetensors writes several in random order (files would differ byte-wise)
-        save_file(state, tmp, metadata={"ae_tiny": json.dumps({"layout": layout, "seed": seed})})
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp,
+                  metadata=None if info is None else {"ae_tiny": json.dumps(info)})
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_checkpoint(path: str | os.PathLike[str], layout: str = "sd15_compat", seed: int = DEFAULT_SEED) -> Path:
+    """Generate the checkpoint and write it atomically (:func:`save_atomically`)."""
+    t0 = time.perf_counter()
+    state = build_state_dict(layout, seed)
+    path = save_atomically(state, path, {"layout": layout, "seed": seed})
     log.info("wrote %s (%s, %d tensors) in %.1f s", path, layout, len(state), time.perf_counter() - t0)
     return path
 

@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +44,7 @@ _SCRIPTS = str(Path(__file__).resolve().parent)
 if _SCRIPTS not in sys.path:  # importable both as a script and from tests (scripts/ on sys.path)
     sys.path.insert(0, _SCRIPTS)
 from comfy_inprocess import comfy_root, repo_root, setup
-from tiny_checkpoint import seeded_init
+from tiny_checkpoint import save_atomically, seeded_init
 
 log = logging.getLogger(__name__)
 
@@ -232,24 +230,6 @@ def vae16(seed: int = 0) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- detectable files
-def _save(state: dict[str, Any], path: str | os.PathLike[str], info: dict[str, Any]) -> Path:
-    """Write ``state`` as safetensors atomically (temp file in the same folder, then rename)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"ae_tiny": json.dumps(info)})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_flux_unet(path: str | os.PathLike[str] | None = None, seed: int = 0) -> Path:
     """The smallest Flux (dev, guidance embedding) that ComfyUI's detection accepts, bf16, no key prefix.
 
@@ -265,7 +245,7 @@ def write_flux_unet(path: str | os.PathLike[str] | None = None, seed: int = 0) -
     cfg = _unet_config("flux", context_in_dim=FLUX_T5_DIM, hidden_size=3072, num_heads=24, depth=1,
                        depth_single_blocks=0, axes_dim=[16, 56, 56], guidance_embed=True)
     model = _build("flux", cfg, torch.device("meta"), torch.bfloat16)
-    _save(_random_state(model.diffusion_model, seed, torch.bfloat16), path, {"family": "flux", "seed": seed})
+    save_atomically(_random_state(model.diffusion_model, seed, torch.bfloat16), path, {"family": "flux", "seed": seed})
     log.info("wrote %s in %.1f s", path, time.perf_counter() - t0)
     return path
 
@@ -286,7 +266,7 @@ def write_sd3_checkpoint(path: str | os.PathLike[str] | None = None, seed: int =
     parts = {"model.diffusion_model.": _random_state(model.diffusion_model, seed, half),
              "first_stage_model.": _taesd16_state(seed + 1, half),
              "text_encoders.clip_l.": _random_state(clip_l, seed + 2, half)}
-    _save({p + k: v for p, sd in parts.items() for k, v in sd.items()}, path, {"family": "sd3", "seed": seed})
+    save_atomically({p + k: v for p, sd in parts.items() for k, v in sd.items()}, path, {"family": "sd3", "seed": seed})
     log.info("wrote %s in %.1f s", path, time.perf_counter() - t0)
     return path
 
