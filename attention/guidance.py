@@ -1,26 +1,12 @@
 """The gradient island: the only place this pack runs autograd.
 
 ComfyUI runs every node under ``torch.inference_mode()``; latents, conds and model weights are inference tensors,
-which autograd can neither track nor save. Here we leave inference mode, make the latent a fresh leaf, and, for the
-duration of each pass only, give the layers autograd-safe weights without copying them: parameters are swapped for
-normal tensors aliasing the same storage, and layers that cast their weights anyway get a weight function that
-keeps the cast copy safe to save. On CUDA a run's pass can be captured once as a CUDA graph and replayed
-(:class:`GraphedPass`). Pure torch: the modules are duck-typed, so this runs without ComfyUI.
-
-Newest cores (dynamic VRAM, ``ModelPatcherDynamic``) differ in three ways, all handled here:
-
-- every comfy-ops layer casts (``comfy_cast_weights = True``) and the cast may hand back cached resident tensors
-  made under inference mode, views or not, which the host may evict between layers: the weight function clones
-  any cast weight that is an inference tensor or a view (:class:`_DetachedWeight`);
-- small layers keep the class-level ``weight_function``/``bias_function`` lists, one list object shared by many
-  layers of every loaded model: each distinct list gets exactly one entry, removed by identity afterwards
-  (:func:`autograd_safe_weights`);
-- a pass whose loss carries no gradient to the latent (worker threads running the model under ``no_grad``, an
-  attention backend without backward, a detached latent) raises :class:`NoGradientError` instead of stepping by
-  zero; a gradient that is zero because the loss is flat there stays a zero step.
-
-Which cast layers fetch their weights per forward (and so rule out a CUDA graph) is
-:meth:`AutogradWeights.streamed_modules`.
+which autograd can neither track nor save. Here we leave inference mode, make the latent a fresh leaf and run the
+pass with the model's autograd-safe weights (:class:`~.weights.AutogradWeights`, no copies). On CUDA a run's pass
+can be captured once as a CUDA graph and replayed (:class:`GraphedPass`). A pass whose loss carries no gradient to
+the latent (worker threads running the model under ``no_grad``, an attention backend without backward, a detached
+latent) raises :class:`NoGradientError` instead of stepping by zero; a gradient that is zero because the loss is
+flat there stays a zero step. Pure torch: the modules are duck-typed, so this runs without ComfyUI.
 """
 
 from __future__ import annotations
@@ -31,6 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 import torch.utils.checkpoint
 from torch import nn
+
+from .weights import AutogradWeights
 
 
 class NoGradientError(RuntimeError):
@@ -43,173 +31,6 @@ _NO_GRADIENT = (
     "differentiable one such as PyTorch attention), the model run under torch.no_grad (e.g. by multi-GPU model "
     "clones in worker threads), or another node that detaches the latent before the model."
 )
-
-
-class _DetachedWeight:
-    """Weight function that makes a cast weight safe to save for backward.
-
-    On ComfyUI 0.3.75 the cast already returns a fresh normal tensor, passed through. Newer cores may return views
-    into reused cast buffers (a later layer overwrites them before backward) and, with dynamic VRAM, cached
-    resident tensors made under inference mode (autograd refuses to save them; the host may evict them between
-    layers): those are cloned. A clone made outside inference mode is a normal tensor.
-    """
-
-    def __call__(self, w: torch.Tensor) -> torch.Tensor:
-        return w.clone() if w.is_inference() or w._is_view() else w
-
-
-def comfy_op_modules(roots: Iterable[nn.Module]) -> list[nn.Module]:
-    """Modules of ``roots`` that carry ComfyUI's ``weight_function``/``bias_function`` lists (comfy.ops layers)."""
-    seen: dict[int, nn.Module] = {}
-    for root in roots:
-        for m in root.modules():
-            wf, bf = getattr(m, "weight_function", None), getattr(m, "bias_function", None)
-            if isinstance(wf, list) and isinstance(bf, list):
-                seen.setdefault(id(m), m)
-    return list(seen.values())
-
-
-def function_lists(modules: Iterable[nn.Module]) -> list[list]:
-    """The distinct ``weight_function``/``bias_function`` list objects of ``modules``, each once (by identity).
-
-    Comfy-ops layers that no loader gave lists of their own share the class-level lists: one list object for many
-    layers, across models."""
-    lists: dict[int, list] = {}
-    for m in modules:
-        for lst in (m.weight_function, m.bias_function):
-            lists.setdefault(id(lst), lst)
-    return list(lists.values())
-
-
-def _remove_by_identity(lst: list, fn: object) -> None:
-    """Delete the last entry of ``lst`` that is ``fn`` itself (equal but different entries stay)."""
-    for i in range(len(lst) - 1, -1, -1):
-        if lst[i] is fn:
-            del lst[i]
-            return
-
-
-@contextlib.contextmanager
-def autograd_safe_weights(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """Append one weight function to every distinct function list of ``modules`` for the ``with`` body; always
-    remove exactly it afterwards.
-
-    The modules are shared by every clone of a ModelPatcher, so nothing may be left behind, even on interrupt.
-    A shared class-level list gets the function once, which makes every layer using that list take its cast path
-    for the pass (one weight copy per such layer on older cores; a clone of resident weights with dynamic VRAM).
-    """
-    fn = _DetachedWeight()
-    touched: list[list] = []
-    try:
-        for lst in function_lists(modules):
-            lst.append(fn)
-            touched.append(lst)
-        yield
-    finally:
-        for lst in touched:
-            _remove_by_identity(lst, fn)
-
-
-def alias(t: torch.Tensor) -> torch.Tensor:
-    """A normal (non-inference) tensor that shares ``t``'s storage: no copy is made.
-
-    Autograd refuses to save inference tensors for backward, but it may save this alias. Safe here because the
-    weights are frozen while a gradient pass runs. Call outside inference mode.
-    """
-    out = torch.empty(0, dtype=t.dtype, device=t.device)
-    return out.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
-
-
-class AutogradWeights:
-    """Makes a model's weights usable by autograd for the gradient passes of one sampling run.
-
-    Per module, for the duration of each gradient pass only (always restored in ``finally``):
-    - parameters that are inference tensors are swapped for normal tensors that alias the same storage
-      (:func:`alias`: no copy, the layers keep their native forward and backward);
-    - layers that cast their weights anyway (low-VRAM partial loading, LoRA applied on the fly, manual casting,
-      every comfy-ops layer under dynamic VRAM) get the weight-function trick of :func:`autograd_safe_weights`.
-
-    ``swap=False`` uses the weight-function trick everywhere (needed when hooks may re-patch weights mid-run);
-    ``by_reference=False`` swaps in copies made once per run instead of aliases (the model's size again in memory;
-    kept for comparison in the benchmark).
-    """
-
-    def __init__(self, roots: Iterable[nn.Module], swap: bool = True, by_reference: bool = True) -> None:
-        self.by_reference = by_reference
-        self.copies = False  # whether some stand-in is a copy (not an alias of the model's own storage)
-        self.swaps: list[list] = []  # [module, name, original parameter, stand-in]
-        self.cast_modules: list[nn.Module] = []
-        seen: set[int] = set()
-        with torch.inference_mode(False):
-            for root in roots:
-                for m in root.modules():
-                    if id(m) in seen:
-                        continue
-                    seen.add(id(m))
-                    wf, bf = getattr(m, "weight_function", None), getattr(m, "bias_function", None)
-                    casts = bool(getattr(m, "comfy_cast_weights", False) or wf or bf)
-                    if isinstance(wf, list) and isinstance(bf, list) and (casts or not swap):
-                        self.cast_modules.append(m)
-                        continue
-                    for name, p in m._parameters.items():
-                        if p is not None and p.is_inference():
-                            self.swaps.append([m, name, p, self._stand_in(p)])
-
-    def streamed_modules(self, device: torch.device) -> list[nn.Module]:
-        """Cast layers whose weights the host fetches or patches anew on every forward, for a model computing on
-        ``device``: a captured CUDA graph would replay the first fetch, so any of them rules the graph out.
-
-        The other cast layers hold their weights on ``device`` and only cast dtype (manual casting) or cast by
-        flag: dynamic VRAM sets ``comfy_cast_weights`` on every layer but loads small layers fully; those replay
-        fine. Layers that dynamic VRAM pages (``_v``, a slot in its virtual VRAM buffer) count as streamed even
-        while resident: each forward asks the host whether the slot is still resident (``vbar_fault``), pins it,
-        refills it if it was evicted, and unpins it after the layer; a replay would skip all of that and read an
-        evicted slot. Replaying them would need the host to keep every slot pinned for the whole run (fault and
-        pin all of them before capture, unpin after the run) and to check their residency signatures before each
-        replay, falling back to eager passes when one changed; ComfyUI offers no call for that.
-        """
-        return [m for m in self.cast_modules if _streams_weights(m, device)]
-
-    def _stand_in(self, p: torch.Tensor) -> nn.Parameter:
-        # tensor subclasses (quantized weights of other packs) may not expose a plain storage: those are copied
-        plain = type(p) in (torch.Tensor, nn.Parameter) and p.layout == torch.strided
-        self.copies |= not (self.by_reference and plain)
-        data = alias(p) if self.by_reference and plain else p.detach().clone()
-        return nn.Parameter(data, requires_grad=False)
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
-        try:
-            with torch.inference_mode(False):
-                for entry in self.swaps:
-                    m, name, original, stand_in = entry
-                    current = m._parameters[name]
-                    if current is not original:  # re-patched since the run began: follow the module's parameter
-                        entry[2], entry[3] = current, self._stand_in(current)
-                        original, stand_in = entry[2], entry[3]
-                    m._parameters[name] = stand_in
-                    swapped.append((m, name, original))
-            with autograd_safe_weights(self.cast_modules):
-                yield
-        finally:
-            for m, name, original in swapped:
-                m._parameters[name] = original
-
-
-def _on_device(t: torch.Tensor, device: torch.device) -> bool:
-    """Whether ``t`` lives on ``device`` (an index-less ``device`` matches any index of its type)."""
-    return t.device.type == device.type and (device.index is None or t.device.index in (None, device.index))
-
-
-def _streams_weights(m: nn.Module, device: torch.device) -> bool:
-    """Whether a cast layer fetches or patches its weights on each forward (see
-    :meth:`AutogradWeights.streamed_modules`)."""
-    if hasattr(m, "_v"):  # paged by dynamic VRAM
-        return True
-    if m.weight_function or m.bias_function:  # patches applied per forward (LoRA on low-VRAM loads)
-        return True
-    return any(p is not None and not _on_device(p, device) for p in m._parameters.values())  # low-VRAM loading
 
 
 def out_of_memory(e: BaseException) -> bool:
@@ -391,3 +212,96 @@ def recompute_in_backward(fn: Callable, *args):
     with torch.autograd.graph.saved_tensors_hooks(_same, _same):
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 
+
+
+# ---- recomputation inside the pass (UNet transformer blocks) ----
+
+class _BlockCall:
+    """One call of a recomputed block in a pass: its inputs (kept by reference) and the count of tensors its forward
+    saved; those are recomputed together, by calling the block again, when the backward first needs one of them."""
+
+    def __init__(self, module: nn.Module, args: tuple, kwargs: dict, stops: tuple[type[BaseException], ...],
+                 replay: Callable[[], contextlib.AbstractContextManager]) -> None:
+        # a shallow copy of the option dicts: the host updates them in place between block calls (ComfyUI's block_index)
+        self.module, self.args = module, args
+        self.kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+        self.inputs = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        self.versions = [t._version for t in self.inputs]
+        self.stops, self.replay = stops, replay
+        self.count = 0  # tensors the forward saved so far
+        self.recomputed: dict[int, torch.Tensor] = {}
+
+    def pack(self, t: torch.Tensor) -> tuple:
+        i, self.count = self.count, self.count + 1
+        if isinstance(t, nn.Parameter) or any(t is x for x in self.inputs):  # alive anyway: no memory to win
+            return None, t
+        return self, i
+
+    def recompute(self) -> None:
+        if any(t._version != v for t, v in zip(self.inputs, self.versions)):
+            raise RuntimeError(f"an input of {type(self.module).__name__} was changed in place after the block ran, "
+                               "so its activations cannot be recomputed for the gradient pass; set recompute to off")
+        saved: list[torch.Tensor] = []
+
+        def keep(t: torch.Tensor) -> None:
+            saved.append(t)
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(keep, _unused), self.replay():
+            try:
+                self.module.forward(*self.args, **self.kwargs)
+            except self.stops:  # the pass ended inside this block: the same tensors were saved up to there
+                pass
+        if len(saved) != self.count:
+            raise RuntimeError(f"{type(self.module).__name__} saved {len(saved)} tensors when recomputed and "
+                               f"{self.count} in the forward; set recompute to off for this model")
+        self.recomputed = dict(enumerate(saved))
+
+
+def _unused(_):
+    raise RuntimeError("a recomputed block's own backward needs no saved tensors")
+
+
+def _unpack(packed: tuple) -> torch.Tensor:
+    call, i = packed
+    if call is None:
+        return i
+    if i not in call.recomputed:  # first use in this backward (or a second backward of a retained graph)
+        call.recompute()
+    return call.recomputed.pop(i)
+
+
+@contextlib.contextmanager
+def recompute_blocks(modules: Iterable[nn.Module], stops: tuple[type[BaseException], ...] = (),
+                     replay: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                     ) -> Iterator[None]:
+    """Within the ``with`` body, each call of one of ``modules`` keeps only its inputs for the backward, and its
+    saved tensors are recomputed there by calling it again (activation checkpointing without changing the model:
+    PyTorch forward hooks, removed on exit, and saved-tensor hooks active only inside the blocks). The peak memory
+    of a pass falls from every block's activations to one block's; the price is one more forward of the blocks.
+
+    ``stops``: exceptions a block may raise to end the pass early (the recompute stops at the same point);
+    ``replay()``: a context each recompute runs in (the pass's capture keeps the maps of the forward). A block must be
+    deterministic and must not change its inputs in place; either is checked when recomputing."""
+    calls: list[tuple[_BlockCall, contextlib.AbstractContextManager]] = []
+
+    def enter(module, args, kwargs):
+        call = _BlockCall(module, args, kwargs, stops, replay)
+        hooks = torch.autograd.graph.saved_tensors_hooks(call.pack, _unpack)
+        hooks.__enter__()
+        calls.append((call, hooks))
+
+    def leave(module, args, output):
+        if calls and calls[-1][0].module is module:
+            calls.pop()[1].__exit__(None, None, None)
+
+    handles = []
+    try:
+        for m in modules:
+            handles.append(m.register_forward_pre_hook(enter, with_kwargs=True))
+            handles.append(m.register_forward_hook(leave, always_call=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        while calls:
+            calls.pop()[1].__exit__(None, None, None)

@@ -392,6 +392,7 @@ def import_pack() -> types.SimpleNamespace:
         capture=importlib.import_module(f"{PACK}.nodes.capture"),
         loss=importlib.import_module(f"{PACK}.attention.loss"),
         guidance=importlib.import_module(f"{PACK}.attention.guidance"),
+        weights=importlib.import_module(f"{PACK}.attention.weights"),
         tokens=importlib.import_module(f"{PACK}.attention.tokens"),
         record=importlib.import_module(f"{PACK}.attention.record"),
         schedule=importlib.import_module(f"{PACK}.attention.schedule"),

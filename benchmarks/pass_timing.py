@@ -95,7 +95,7 @@ class Subject:
         self.t2 = torch.full((2 * batch,), 500.0, device=device, dtype=dtype)
         self.x = self.x2[:batch].clone()
         self.slots = pack.loss.slot_mask(bench.NUM_KEYS, "all_but_bos_last")
-        self.weights = pack.guidance.AutogradWeights([self.unet])
+        self.weights = pack.weights.AutogradWeights([self.unet])
 
     def _call(self, x, n: int, attn2: dict):
         y = None if self.y2 is None else self.y2[:n]

@@ -59,7 +59,7 @@ def run(mode: str, device: str, steps: int) -> dict:
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps).cpu()
         out = comfy.sample.sample_custom(model, noise, 7.5, pack.sampling.make_sampler(params, record), sigmas, pos,
                                          neg, latent, disable_pbar=True, seed=0)
-    from comfyui_attend_excite.attention.guidance import comfy_op_modules
+    from comfyui_attend_excite.attention.weights import comfy_op_modules
 
     mods = comfy_op_modules([model.model])
     return {

@@ -21,8 +21,9 @@ before the layers are averaged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +50,13 @@ def _resampling(layer: torch.nn.Module) -> int:
     return {"Downsample": 1, "Upsample": -1}.get(kind, 0)  # ComfyUI's UNet layers that halve / double the state
 
 
-def attn2_levels(diffusion_model: torch.nn.Module) -> dict[LayerKey, int]:
-    """Every cross-attention layer of a ComfyUI UNet, in execution order, with its level: the number of 2x
-    downsamplings ahead of it (encoder ``Downsample`` layers and down-sampling ``ResBlock``\\ s, less the decoder's
-    ``Upsample`` layers before it). In an ordinary forward the maps of level ``k`` are the latent's sides halved
-    ``k`` times (``ceil(n / 2)`` each), whatever another node does to the hidden state in between."""
-    levels: dict[LayerKey, int] = {}
+def transformer_blocks(diffusion_model: torch.nn.Module) -> dict[LayerKey, tuple[torch.nn.Module, int]]:
+    """Every transformer block with a cross-attention layer of a ComfyUI UNet, in execution order, keyed like its
+    ``attn2`` layer, with its level: the number of 2x downsamplings ahead of it (encoder ``Downsample`` layers and
+    down-sampling ``ResBlock``\\ s, less the decoder's ``Upsample`` layers before it). In an ordinary forward the maps
+    of level ``k`` are the latent's sides halved ``k`` times (``ceil(n / 2)`` each), whatever another node does to
+    the hidden state in between."""
+    found: dict[LayerKey, tuple[torch.nn.Module, int]] = {}
     level = 0
     groups = (("input", getattr(diffusion_model, "input_blocks", [])),
               ("middle", [getattr(diffusion_model, "middle_block", None)]),
@@ -69,9 +71,15 @@ def attn2_levels(diffusion_model: torch.nn.Module) -> dict[LayerKey, int]:
                     if tbs is not None:
                         for j in range(len(tbs)):
                             if getattr(tbs[j], "attn2", None) is not None:
-                                levels.setdefault((name, i, j), level)
+                                found.setdefault((name, i, j), (tbs[j], level))
                 level += _resampling(layer)
-    return levels
+    return found
+
+
+def attn2_levels(diffusion_model: torch.nn.Module) -> dict[LayerKey, int]:
+    """Every cross-attention layer of a ComfyUI UNet, in execution order, with its level
+    (:func:`transformer_blocks`)."""
+    return {k: level for k, (_, level) in transformer_blocks(diffusion_model).items()}
 
 
 def attn2_keys(diffusion_model: torch.nn.Module) -> list[LayerKey]:
@@ -185,6 +193,17 @@ class GradCapture:
         self.targets = None if targets is None else frozenset(targets)
         self.maps: dict[LayerKey, torch.Tensor] = {}  # (B, N, T) at target_hw, mean over heads, in the graph
         self.seen: dict[LayerKey, tuple[int, int]] = {}
+        self.replay = False  # a block is being recomputed in the backward: compute as before, keep no map
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Context of a transformer block recomputed in the backward (:func:`attention.guidance.recompute_blocks`):
+        its read layer computes what it did in the forward, and the map it made then stays the one the loss used."""
+        self.replay = True
+        try:
+            yield
+        finally:
+            self.replay = False
 
     def _attend(self, q, k, v, extra_options, inner):
         if inner is not None:
@@ -212,7 +231,9 @@ class GradCapture:
                     raise StopForward()  # nothing of this layer feeds the loss
                 return self._attend(q, k, v, extra_options, inner)
             probs = attention_probs(q, k, heads, self.precision(extra_options.get("attn_precision"), q.dtype))
-            self.maps[key] = fit_map(probs.mean(1), hw, self.target_hw)
+            m = fit_map(probs.mean(1), hw, self.target_hw)
+            if not self.replay:
+                self.maps[key] = m
             if key == self.stop_after:
                 raise StopForward()
             if inner is not None:

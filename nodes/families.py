@@ -33,7 +33,7 @@ from comfy.ldm.modules import attention as comfy_attention
 
 from ..attention.guidance import clone_saved_activations
 from ..attention.inputs import parse_joint_blocks
-from .capture import GradCapture, LayerKey, MapRecorder, attn2_levels, replaced_attn2
+from .capture import GradCapture, LayerKey, MapRecorder, attn2_levels, replaced_attn2, transformer_blocks
 from .joint_capture import (
     BlockKey,
     JointGradCapture,
@@ -44,6 +44,10 @@ from .joint_capture import (
 )
 
 SUPPORTED = "SD1.x, SD2.x and SDXL (UNet), Flux.1 (dev, schnell) and SD3 / SD3.5"
+
+# Values a UNet transformer block keeps for the backward per token and channel when it is not recomputed: counted
+# with benchmarks/cost_model.py (SDXL 1024 px `all`: 3.87 GiB over 64 blocks; SD1.5 512 px: 0.32 GiB over 10).
+STORED_PER_VALUE = 24
 
 
 def flow_matching(model_sampling) -> bool:
@@ -120,7 +124,7 @@ class UNetReader:
     joint_name = None  # not a joint-attention family
 
     def __init__(self, diffusion_model, params, latent_hw: tuple[int, int]) -> None:
-        self.dm = diffusion_model
+        self.dm, self.latent_hw = diffusion_model, tuple(latent_hw)
         self.target_hw = target_resolution(latent_hw, params.attention_resolution)
         self.keys = level_keys(diffusion_model, latent_hw, self.target_hw, params.attention_blocks)
 
@@ -143,6 +147,25 @@ class UNetReader:
 
     def pass_context(self):
         return contextlib.nullcontext()
+
+    def _run_blocks(self, keys: list[LayerKey]) -> list[tuple[torch.nn.Module, int]]:
+        found = transformer_blocks(self.dm)
+        order = list(found)
+        return [found[k] for k in order[: order.index(keys[-1]) + 1]] if keys else []
+
+    def recomputed_blocks(self, keys: list[LayerKey]) -> list[torch.nn.Module]:
+        """The transformer blocks a pass reading ``keys`` runs (up to the one whose cross-attention is the last key):
+        the blocks whose activations are recomputed in the backward (``recompute``)."""
+        return [m for m, _ in self._run_blocks(keys)]
+
+    def stored_pass_bytes(self, keys: list[LayerKey], batch: int, itemsize: int) -> int:
+        """Estimated activations a pass reading ``keys`` keeps for the backward without recomputation:
+        :data:`STORED_PER_VALUE` values per token and channel of each transformer block it runs."""
+        total = 0
+        for m, level in self._run_blocks(keys):
+            tokens = _level(self.latent_hw[0], 2**level) * _level(self.latent_hw[1], 2**level)
+            total += tokens * m.norm1.normalized_shape[-1]
+        return STORED_PER_VALUE * batch * itemsize * total
 
     def finest_encoder_side(self, latent_hw: tuple[int, int]) -> int | None:
         levels = [v for k, v in attn2_levels(self.dm).items() if k[0] == "input"]
@@ -263,6 +286,12 @@ class JointReader:
 
     def pass_context(self):
         return clone_saved_activations()
+
+    def recomputed_blocks(self, keys: list[BlockKey]) -> list[torch.nn.Module]:
+        return []  # the joint blocks update their inputs in place; their maps are recomputed per chunk instead
+
+    def stored_pass_bytes(self, keys: list[BlockKey], batch: int, itemsize: int) -> int:
+        return 0
 
     def finest_encoder_side(self, latent_hw: tuple[int, int]) -> int | None:
         return None

@@ -27,14 +27,17 @@ import comfy.samplers
 import torch
 from comfy.ldm.modules import attention as comfy_attention
 
-from ..attention.guidance import AutogradWeights, CudaGraphBackend, GraphedPass, NoGradientError, loss_and_grad
+from ..attention.guidance import CudaGraphBackend, GraphedPass, NoGradientError, loss_and_grad, recompute_blocks
 from ..attention.loss import attend_excite_objective
+from ..attention.weights import AutogradWeights
 from . import graph_cache
 from .capture import StopForward, graph_safe_block_patches
 from .families import layer_label, reader_for
 from .pass_memory import GradientPassOutOfMemory, first_line, out_of_memory_message
 
 log = logging.getLogger(__name__)
+
+RECOMPUTE_ABOVE = 2**30  # recompute = auto: recompute where a stored pass would keep more than this (bytes, estimated)
 
 
 def _differentiable_attention(func, *args, **kwargs):
@@ -106,6 +109,7 @@ class GradientPasses:
         self.graph_used = False
         self.graph_reused = False  # the first pass replayed a graph kept from an earlier run
         self.retries = 0  # passes retried eagerly after running out of memory
+        self.recompute = False  # the transformer blocks' activations are recomputed in the backward (first pass sets)
         self.patcher = getattr(base_model, "current_patcher", None)  # the ModelPatcher sampling (owns the cache)
 
     # ---- the options of a pass ----
@@ -136,10 +140,13 @@ class GradientPasses:
         patches on ``keys``, stopped after the last of them."""
         capture = self.reader.grad_capture(keys)
         mo, p, s, cond = self._options(capture, keys, grad=True), self.params, self.subjects, self.cond
+        blocks = self.reader.recomputed_blocks(keys) if self.recompute else []
 
         def forward(leaf: torch.Tensor, sigma: torch.Tensor):
+            recomputing = recompute_blocks(blocks, (StopForward,), capture.replaying) if blocks else \
+                contextlib.nullcontext()
             try:
-                with self.reader.pass_context():
+                with self.reader.pass_context(), recomputing:
                     comfy.samplers.calc_cond_batch(self.base, [[cond]], leaf, sigma * leaf.new_ones(leaf.shape[0]),
                                                    mo)
             except StopForward:
@@ -170,6 +177,16 @@ class GradientPasses:
         _, forward = self._forward(self.target_keys)
         return loss_and_grad(lambda leaf: forward(leaf, sigma), x, self.weights)
 
+    def _recomputes(self, x: torch.Tensor) -> bool:
+        """Whether the passes recompute the transformer blocks' activations in the backward (``recompute``; ``auto``:
+        where a stored pass would keep more than :data:`RECOMPUTE_ABOVE`, e.g. SDXL at 1024 px)."""
+        if self.params.recompute != "auto":
+            return self.params.recompute == "blocks"
+        dtype = getattr(self.base, "manual_cast_dtype", None) or self.base.get_dtype()
+        stored = self.reader.stored_pass_bytes(self.keys, x.shape[0], dtype.itemsize)
+        log.debug("%s: a stored gradient pass keeps about %.2f GiB", self.params.node, stored / 2**30)
+        return stored > RECOMPUTE_ABOVE
+
     def _weights(self, by_reference: bool) -> AutogradWeights:
         return AutogradWeights([self.base, *_control_modules(self.subjects.cond)], swap=not self._hooked(),
                                by_reference=by_reference)
@@ -178,6 +195,7 @@ class GradientPasses:
         """Where :meth:`graph_blockers` allows: replays the graph kept from an earlier run with the same key, or
         runs on a side stream as the warm-up of the CUDA graph captured right after it (and kept)."""
         self.weights = self._weights(self.params.weights_by_reference)
+        self.recompute = self._recomputes(x)
         blockers = self.graph_blockers(x)
         key = None if blockers or self.patcher is None else graph_cache.pass_key(self, x)
         fingerprint = None if key is None else graph_cache.weights_fingerprint(self.base)
@@ -245,6 +263,7 @@ class GradientPasses:
         self.retries += 1
         self.release()
         keys = self.keys if self.target_keys is None else self.target_keys
+        self.recompute = bool(self.reader.recomputed_blocks(keys))
         try:
             self.cond, self.weights = _conds_on(self.subjects.cond, x.device), self._weights(by_reference=True)
             _, forward = self._forward(keys)

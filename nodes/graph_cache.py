@@ -156,8 +156,8 @@ def pass_key(passes, x: torch.Tensor) -> tuple | None:
     if any(part is None for part in parts):
         return None
     return (id(passes.base), type(passes.graph_backend).__name__, tuple(x.shape), x.dtype, str(x.device),
-            tuple(passes.target_hw), tuple(passes.keys), p.attention_blocks, p.smoothing, p.kernel_size,
-            p.smoothing_sigma, tuple(subjects.indices), tuple(bool(v) for v in subjects.slots.tolist()),
+            tuple(passes.target_hw), tuple(passes.keys), passes.recompute, p.attention_blocks, p.smoothing,
+            p.kernel_size, p.smoothing_sigma, tuple(subjects.indices), tuple(bool(v) for v in subjects.slots.tolist()),
             tuple(conds), *parts)
 
 

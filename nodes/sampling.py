@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 COND_KEY = "attend_excite"
 TOKEN_SLOT_MODES = ("auto", "all_but_bos_last", "prompt")
 BLOCK_CHOICES = ("all", "down_mid")
+RECOMPUTE_CHOICES = ("auto", "off", "blocks")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class AEParams:
     token_slots: str = "auto"
     record_maps: bool = True
     cuda_graph: bool = True  # replay the gradient pass from a CUDA graph where that is safe
+    recompute: str = "auto"  # "blocks": UNet transformer blocks recomputed in the backward; auto: where it pays
     weights_by_reference: bool = True  # False: one weight copy per run instead of aliases (the model size again)
     node: str = field(default="AttendExciteSampler", compare=False)
 
@@ -63,6 +65,8 @@ class AEParams:
             raise ValueError(f"token_slots must be one of {TOKEN_SLOT_MODES}.")
         if self.attention_blocks not in BLOCK_CHOICES:
             raise ValueError(f"attention_blocks must be one of {BLOCK_CHOICES}.")
+        if self.recompute not in RECOMPUTE_CHOICES:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_CHOICES}.")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError("kernel_size must be odd (the paper uses 3).")
         problem = joint_blocks_problem(self.joint_blocks)
@@ -264,9 +268,11 @@ class GuidedRun:
         if self.sched.guided_steps:
             p = self.passes
             how = (" (CUDA graph kept from an earlier run)" if p.graph_reused else " (CUDA graph)") * p.graph_used
+            how += ", transformer blocks recomputed in the backward" * p.recompute
             log.info("%s: %d guided steps, %d gradient passes%s", self.params.node, self.sched.guided_steps,
                      self.count, how, extra={"ae_passes": self.count, "ae_graphed": p.graph_used,
-                                             "ae_graph_reused": p.graph_reused, "ae_retries": p.retries})
+                                             "ae_graph_reused": p.graph_reused, "ae_retries": p.retries,
+                                             "ae_recomputed": p.recompute})
             _warn_skipped(self.params.node, self.skipped)
         if self.record is not None:
             self.record.finish()

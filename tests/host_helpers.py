@@ -84,9 +84,11 @@ def weights_fingerprint(model) -> list[tuple[str, float, tuple[int, ...]]]:
 
 
 def no_leftovers(roots) -> bool:
-    """No comfy-op module keeps a weight/bias function or a forward override from a gradient pass."""
-    from attention.guidance import comfy_op_modules
+    """No comfy-op module keeps a weight/bias function or a forward override from a gradient pass, and no module a
+    forward hook (recomputed blocks)."""
+    from attention.weights import comfy_op_modules
 
     mods = comfy_op_modules(roots)
-    return bool(mods) and all(not m.weight_function and not m.bias_function and "forward" not in m.__dict__
-                              for m in mods)
+    hooked = [m for root in roots for m in root.modules() if m._forward_hooks or m._forward_pre_hooks]
+    return bool(mods) and not hooked and all(not m.weight_function and not m.bias_function
+                                             and "forward" not in m.__dict__ for m in mods)

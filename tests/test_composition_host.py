@@ -17,7 +17,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from host_helpers import ksample, load_host
+from host_helpers import ksample, load_host, no_leftovers
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
@@ -241,6 +241,19 @@ def test_other_nodes_patch_acts_together_with_ae(host, name, caplog):
         assert calls.grad == 0
     if name == "wrapper_and_cfg":
         assert calls.cfg.plain == STEPS and calls.cfg.grad == 0
+
+
+@pytest.mark.parametrize("name", list(STAND_INS))
+def test_recomputed_blocks_run_as_stored_ones_with_other_nodes_patches(host, name):
+    """The blocks recomputed in the backward re-run the other node's patches inside them (IP-Adapter, PAG, attn1
+    replace) and keep FreeU's and Deep Shrink's block patches outside: the run is the stored pass's."""
+    with torch.inference_mode():
+        model, _ = STAND_INS[name](host["model"])
+    stored, stored_rec = run(host, model, recompute="off")
+    recomputed, rec = run(host, model, recompute="blocks")
+    assert torch.allclose(recomputed, stored, atol=1e-6), float((recomputed - stored).abs().max())
+    assert sorted(rec.losses) == sorted(stored_rec.losses)
+    assert no_leftovers([host["model"].model])
 
 
 def test_deep_shrink_changes_the_levels_size_and_ae_follows_it(host):

@@ -9,14 +9,8 @@ import torch
 from fake_graph import FakeGraphBackend
 from torch import nn
 
-from attention.guidance import (
-    AutogradWeights,
-    GraphedPass,
-    NoGradientError,
-    autograd_safe_weights,
-    comfy_op_modules,
-    loss_and_grad,
-)
+from attention.guidance import GraphedPass, NoGradientError, loss_and_grad
+from attention.weights import AutogradWeights, autograd_safe_weights, comfy_op_modules
 
 
 class CastLinear(nn.Linear):

@@ -189,3 +189,9 @@ def test_ae_runs_with_a_controlnet_in_its_gradient_pass(host, plain_run, control
     assert not any(p.grad is not None for p in control_model.parameters())
     assert no_leftovers([host["model"].model])
 
+    # the residuals the ControlNet adds in place are outside the transformer blocks: recomputed blocks agree
+    stored, stored_rec = run(host, positive=pos, negative=neg, recompute="off")
+    recomputed, rec = run(host, positive=pos, negative=neg, recompute="blocks")
+    assert torch.allclose(recomputed, stored, atol=1e-6) and step0_loss(rec) == pytest.approx(step0_loss(stored_rec))
+    assert no_leftovers([host["model"].model])
+

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from attention.guidance import AutogradWeights, function_lists, loss_and_grad
+from attention.guidance import loss_and_grad
+from attention.weights import AutogradWeights, function_lists
 
 
 def _ops():

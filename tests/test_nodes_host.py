@@ -62,8 +62,8 @@ def test_sampler_nodes_are_lean_and_keep_the_earlier_order(pack):
         names = [i.id for i in node.define_schema().inputs]
         assert "cuda_graph" not in names and "smoothing" not in names and names[-1] == "options"
     # the Options node keeps the earlier order; settings added since come after it
-    assert list(pack.options.OPTION_NAMES) == [*EARLIER_KSAMPLER[11:], "joint_blocks"]
-    assert widget_names(pack.options.AttendExciteOptions) == [*EARLIER_KSAMPLER[11:], "joint_blocks"]
+    assert list(pack.options.OPTION_NAMES) == [*EARLIER_KSAMPLER[11:], "joint_blocks", "recompute"]
+    assert widget_names(pack.options.AttendExciteOptions) == [*EARLIER_KSAMPLER[11:], "joint_blocks", "recompute"]
 
 
 def test_validation_refuses_bad_values_without_a_model(pack):

@@ -230,6 +230,58 @@ def test_a_non_finite_gradient_skips_that_images_update(host, caplog, fresh, mon
                                     "latent was kept there.")
 
 
+# ---- transformer blocks recomputed in the backward ----
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_recomputed_blocks_sample_as_stored_ones(host, caplog, fresh, graph):
+    """``recompute = blocks``: the same losses and latents as a stored pass (eager, or captured and replayed), the
+    blocks' hooks gone afterwards; ``auto`` leaves the tiny model's passes stored."""
+    caplog.set_level("INFO", logger="comfyui_attend_excite.nodes")
+    stored, stored_rec, stored_run = sample(host, caplog, params(cuda_graph=False, recompute="off"))
+    auto, _, auto_run = sample(host, caplog, params(cuda_graph=False))
+    out, rec, run = sample(host, caplog, params(cuda_graph=graph, recompute="blocks"),
+                           FakeGraphBackend() if graph else None)
+    assert run.ae_recomputed and not stored_run.ae_recomputed and not auto_run.ae_recomputed
+    assert "transformer blocks recomputed in the backward" in run.getMessage()
+    assert run.ae_passes == stored_run.ae_passes and run.ae_graphed == graph
+    assert torch.allclose(out, stored, atol=1e-6), float((out - stored).abs().max())
+    assert torch.equal(auto, stored)
+    for step, losses in stored_rec.losses.items():
+        assert torch.allclose(torch.as_tensor(rec.losses[step]), torch.as_tensor(losses), atol=1e-6)
+    assert no_leftovers([host["model"].model])
+
+
+def test_a_retried_pass_recomputes_the_blocks(host, caplog, fresh, empties):
+    """The lean form of a pass that ran out of memory recomputes the blocks, also with ``recompute = off``."""
+    caplog.set_level("INFO", logger="comfyui_attend_excite.nodes")
+    eager, _, _ = sample(host, caplog, params(cuda_graph=False, recompute="off"))
+    layer = FailingLayer(host, at=(2,))
+    try:
+        out, _, run = sample(host, caplog, params(cuda_graph=False, recompute="off"))
+    finally:
+        layer.remove()
+    assert run.ae_retries == 1 and run.ae_recomputed
+    assert torch.allclose(out, eager, atol=1e-6) and no_leftovers([host["model"].model])
+
+
+def test_the_stored_pass_estimate_counts_the_blocks_the_pass_runs(host):
+    """``recompute = auto`` decides by :data:`STORED_PER_VALUE` values per token and channel of each transformer
+    block up to the last one read, at its level's grid."""
+    from comfyui_attend_excite.nodes.capture import transformer_blocks
+    from comfyui_attend_excite.nodes.families import STORED_PER_VALUE, UNetReader
+
+    dm = host["model"].model.diffusion_model
+    reader = UNetReader(dm, params(), (32, 24))
+    found = transformer_blocks(dm)
+    last = list(found).index(reader.keys[-1])
+    expected = 0
+    for m, level in list(found.values())[: last + 1]:
+        expected += math.ceil(32 / 2**level) * math.ceil(24 / 2**level) * m.norm1.normalized_shape[-1]
+    assert reader.recomputed_blocks(reader.keys) == [m for m, _ in list(found.values())[: last + 1]]
+    assert reader.stored_pass_bytes(reader.keys, 3, 2) == STORED_PER_VALUE * 3 * 2 * expected > 0
+    assert reader.stored_pass_bytes(reader.keys[:1], 3, 2) < reader.stored_pass_bytes(reader.keys, 3, 2)
+
+
 # ---- the pass kept between runs ----
 
 def test_a_second_run_replays_the_kept_pass_without_warm_up_or_capture(host, caplog, fresh):
@@ -256,7 +308,8 @@ def test_a_second_run_replays_the_kept_pass_without_warm_up_or_capture(host, cap
     assert run3.ae_graph_reused and no_leftovers([host["model"].model])
 
 
-@pytest.mark.parametrize("change", [{"side": 24}, {"batch": 2}, {"kernel_size": 5}, {"attention_blocks": "down_mid"}])
+@pytest.mark.parametrize("change", [{"side": 24}, {"batch": 2}, {"kernel_size": 5}, {"attention_blocks": "down_mid"},
+                                    {"recompute": "blocks"}])
 def test_another_shape_or_setting_captures_anew(host, caplog, fresh, change):
     caplog.set_level("INFO", logger="comfyui_attend_excite.nodes")
     backend = FakeGraphBackend()
