@@ -245,16 +245,22 @@ class _BlockCall:
 
         def keep(t: torch.Tensor) -> None:
             saved.append(t)
+            if len(saved) == self.count:  # all back: the rest of the block's forward is not needed
+                raise _AllRecomputed()
 
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(keep, _unused), self.replay():
             try:
                 self.module.forward(*self.args, **self.kwargs)
-            except self.stops:  # the pass ended inside this block: the same tensors were saved up to there
+            except (_AllRecomputed, *self.stops):  # or the pass ended inside this block, with as many saved
                 pass
         if len(saved) != self.count:
             raise RuntimeError(f"{type(self.module).__name__} saved {len(saved)} tensors when recomputed and "
                                f"{self.count} in the forward; set recompute to off for this model")
         self.recomputed = dict(enumerate(saved))
+
+
+class _AllRecomputed(Exception):
+    """Raised by a recompute once it has every tensor its block's forward saved."""
 
 
 def _unused(_):

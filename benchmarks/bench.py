@@ -102,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "copy, the default) or copy = one copy per run")
     p.add_argument("--blocks", choices=("all", "down_mid"), default="all",
                    help="AEParams.attention_blocks: which cross-attention layers of the level feed the loss")
+    p.add_argument("--recompute", choices=("auto", "off", "blocks"), default="auto",
+                   help="the sampler's recompute option (auto: blocks where a stored pass keeps over 1 GiB)")
     p.add_argument("--cuda-graph", choices=("on", "off"), default="on",
                    help="AEParams.cuda_graph: replay the gradient pass from a CUDA graph (CUDA only)")
     p.add_argument("--record-maps", action="store_true",
@@ -226,6 +228,8 @@ def _mode_label(row: dict) -> str:
         notes.append(row["attention_blocks"])
     if row.get("weights") == "copy":
         notes.append("weight copy")
+    if row.get("blocks_recomputed"):
+        notes.append("blocks recomputed")
     if row.get("cuda_graph") == "off" and row.get("device") == "cuda":
         notes.append("no CUDA graph")
     if row.get("record_maps"):
@@ -494,7 +498,7 @@ class PassCounter(logging.Handler):
 
     def __init__(self, logger: logging.Logger) -> None:
         super().__init__(logging.INFO)
-        self.count, self.graphed = 0, []
+        self.count, self.graphed, self.recomputed = 0, [], []
         self.logger, self.level_before = logger, logger.level
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)
@@ -504,6 +508,7 @@ class PassCounter(logging.Handler):
         self.count += getattr(record, "ae_passes", 0)
         if hasattr(record, "ae_graphed"):
             self.graphed.append(record.ae_graphed)
+            self.recomputed.append(getattr(record, "ae_recomputed", False))
 
     def close(self) -> None:
         self.logger.removeHandler(self)
@@ -527,6 +532,7 @@ class _ModeRuns:
         self.out: Any = None
         self.forwards = 0
         self.graphed: list[bool] = []
+        self.recomputed: list[bool] = []
 
 
 class Deadline:
@@ -803,8 +809,8 @@ class Bench:
                  model_class, params / 1e6, self.meta["dtype"], side, side, time.perf_counter() - t0)
         info = {"model": variant, "model_class": model_class, "unet_params_m": round(params / 1e6, 1),
                 "size": size, "latent": side, "sampler": "euler/normal", "weights": args.weights,
-                "attention_blocks": args.blocks, "cuda_graph": args.cuda_graph, "record_maps": args.record_maps,
-                "gc": args.gc}
+                "attention_blocks": args.blocks, "recompute": args.recompute, "cuda_graph": args.cuda_graph,
+                "record_maps": args.record_maps, "gc": args.gc}
         sampling = self.pack.sampling
         target = self.pack.families.target_resolution((side, side), 0)
         ms = model.get_model_object("model_sampling")
@@ -916,6 +922,7 @@ class Bench:
         st.out = out
         st.forwards += counter.count
         st.graphed += counter.graphed
+        st.recomputed += counter.recomputed
         if peak is not None:
             st.peak = peak if st.peak is None else max(st.peak, peak)
 
@@ -937,7 +944,8 @@ class Bench:
                       "warmup_grad_forwards": st.warm_forwards, "gc_s": [round(t, 4) for t in st.gc_s],
                       "output_finite": bool(torch.isfinite(out).all()), "attention_level": f"{target[0]}x{target[1]}",
                       "output_fingerprint": fingerprint(out),
-                      "graph_replayed": all(st.graphed) if st.graphed else None})
+                      "graph_replayed": all(st.graphed) if st.graphed else None,
+                      "blocks_recomputed": all(st.recomputed) if st.recomputed else None})
         if args.order == "interleaved" and plain is not None:
             pairs = [t / p for t, p in zip(st.times, plain.times)]
             extra["paired_ratio_to_plain"] = round(statistics.median(pairs), 4) if pairs else None
@@ -992,7 +1000,7 @@ class Bench:
             return lambda record: comfy.samplers.sampler_object("euler")
         kw = {"refinement": ()} if mode == "ae_no_refine" else {}
         params = sampling.AEParams(sampler_name="euler", record_maps=self.args.record_maps,
-                                attention_blocks=self.args.blocks,
+                                attention_blocks=self.args.blocks, recompute=self.args.recompute,
                                 weights_by_reference=self.args.weights == "reference",
                                 cuda_graph=self.args.cuda_graph == "on" if cuda_graph is None else cuda_graph, **kw)
         return lambda record: sampling.make_sampler(params, record)

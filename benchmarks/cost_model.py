@@ -15,11 +15,12 @@ pass. Per pass it counts
 Every attention layer runs PyTorch's SDPA (ComfyUI's choice on NVIDIA GPUs). The ``blocks`` option chooses which
 cross-attention layers of the level feed the loss (``AEParams.attention_blocks``), ``--resolution`` which level.
 
-``--memory`` counts ways to keep less for the backward (:data:`MEMORY_OPTIONS`), run for real on the meta model with
-PyTorch's activation checkpointing (non-reentrant): ``stored`` is the sampler's pass as it is; ``ff_recompute``
-recomputes each transformer block's feed-forward (GEGLU projection, GELU, output projection) in the backward and
-keeps only its input; ``block_recompute`` recomputes each whole transformer block (self-attention, cross-attention,
-feed-forward) and keeps its input and context, except the block whose cross-attention ends the pass. ``saved_gib``
+``--memory`` counts ways to keep less for the backward (:data:`MEMORY_OPTIONS`), run for real on the meta model:
+``stored`` is the sampler's pass with ``recompute = off``; ``ff_recompute`` (not offered by the sampler) recomputes
+each transformer block's feed-forward (GEGLU projection, GELU, output projection) in the backward with PyTorch's
+activation checkpointing and keeps only its input; ``block_recompute`` is the sampler's ``recompute = blocks``
+(:func:`attention.guidance.recompute_blocks`): each transformer block the pass runs (self-attention,
+cross-attention, feed-forward) keeps its input and context and is recomputed in the backward. ``saved_gib``
 then counts what is kept through the pass (the kept inputs included); a recomputed block's own activations live
 only while its backward runs (one block's: tens of MiB at SDXL's 32x32 level). Every gradient row also gives
 ``probs_f32_gib``, the read layers' float32 probabilities among the saved bytes (kept in fp16 they would take half).
@@ -48,7 +49,7 @@ import cost_model_joint as joint  # noqa: E402  (--arch flux,sd35m)
 from cost_counting import GIB, families_module, measure  # noqa: E402  (the counters)
 
 log = logging.getLogger("ae_cost")
-MEMORY_OPTIONS = ("stored", "ff_recompute", "block_recompute")
+MEMORY_OPTIONS = ("stored", "ff_recompute", "block_recompute", "auto")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,7 +92,7 @@ class Model:
         from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
         spec = bench.ARCHS[arch]
-        self.arch, self.size, self.spec, self.pack = arch, size, spec, pack
+        self.arch, self.size, self.spec, self.pack, self.resolution = arch, size, spec, pack, resolution
         self.dtype = torch.float16
         self.config = bench.unet_config(arch, "full")
         self.unet = UNetModel(**self.config, dtype=self.dtype, device="meta",
@@ -137,11 +138,10 @@ def plain_step(model: Model, batch: int) -> dict[str, Any]:
 
 
 class Recomputed:
-    """A transformer block's part run under activation checkpointing: its input is kept (``hold``), its activations
-    are recomputed in the backward. ``skip(transformer_options)``: run this call as it is (the block whose
-    cross-attention ends the pass: its forward stops inside)."""
+    """A transformer block's feed-forward run under PyTorch's activation checkpointing: its input is kept
+    (``hold``), its activations are recomputed in the backward."""
 
-    def __new__(cls, inner, hold, skip=lambda to: False):
+    def __new__(cls, inner, hold):
         import torch
 
         class _Module(torch.nn.Module):
@@ -150,11 +150,6 @@ class Recomputed:
                 self.inner = inner
 
             def forward(self, x, *args, **kwargs):
-                to = kwargs.get("transformer_options")
-                if to is not None:  # the UNet updates its block index in place: the recompute must see this call's
-                    kwargs["transformer_options"] = to = dict(to)
-                    if skip(to):
-                        return self.inner(x, *args, **kwargs)
                 for t in (x, *args, *kwargs.values()):
                     if isinstance(t, torch.Tensor):
                         hold(t)
@@ -164,28 +159,38 @@ class Recomputed:
         return _Module()
 
 
+def _hold_tensors(hold, args: tuple, kwargs: dict) -> None:
+    for t in (*args, *kwargs.values()):
+        if hasattr(t, "untyped_storage"):  # a tensor
+            hold(t)
+
+
 @contextlib.contextmanager
-def memory_option(model: Model, option: str, stop_key, hold):
-    """``model``'s transformer blocks as ``option`` runs them (see :data:`MEMORY_OPTIONS`), for the ``with`` body."""
-    from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
+def memory_option(model: Model, option: str, hold, recomputed: list):
+    """``model``'s transformer blocks as ``option`` runs them (see :data:`MEMORY_OPTIONS`), for the ``with`` body;
+    ``recomputed``: the blocks the sampler's recomputation takes (``block_recompute``, ``auto``)."""
+    from comfy.ldm.modules.attention import BasicTransformerBlock
 
     undo = []
     for m in model.unet.modules():
         if option == "ff_recompute" and isinstance(m, BasicTransformerBlock):
             undo.append((m, "ff", m.ff))
             m.ff = Recomputed(m.ff, hold)
-        elif option == "block_recompute" and isinstance(m, SpatialTransformer):
-            blocks = m.transformer_blocks
-            for i, block in enumerate(list(blocks)):
-                def ends_the_pass(to, i=i):
-                    return (*to.get("block", ("", -1)), i) == tuple(stop_key)
-
-                undo.append((blocks, i, block))
-                blocks[i] = Recomputed(block, hold, ends_the_pass)
+    recomputing = contextlib.nullcontext()
+    if recomputed:  # the sampler's own recomputation, its kept inputs counted
+        recomputing = model.pack.guidance.recompute_blocks(recomputed, (model.pack.capture.StopForward,))
+        for block in recomputed:
+            undo.append(block.register_forward_pre_hook(lambda _m, args, kwargs: _hold_tensors(hold, args, kwargs),
+                                                        with_kwargs=True))
     try:
-        yield
+        with recomputing:
+            yield
     finally:
-        for owner, name, original in reversed(undo):
+        for entry in reversed(undo):
+            if not isinstance(entry, tuple):  # a hook handle
+                entry.remove()
+                continue
+            owner, name, original = entry
             if isinstance(name, int):
                 owner[name] = original
             else:
@@ -203,17 +208,24 @@ def gradient_pass(model: Model, batch: int, blocks: str, option: str = "stored")
         targets = bench.target_layers(lambda attn2: model.forward(model.inputs(1)[0], attn2, 1), pack,
                                       model.target_hw, keys, sdpa_attention)
     slots = pack.loss.slot_mask(bench.NUM_KEYS, "all_but_bos_last")
+    params = pack.sampling.AEParams(attention_blocks=blocks, attention_resolution=model.resolution)
+    reader = pack.families.UNetReader(model.unet, params, (model.latent, model.latent))
+    stored = reader.stored_block_bytes(targets, batch, model.dtype.itemsize)
+    recompute = {"block_recompute": "blocks", "auto": "auto"}.get(option, "off")
+    n = pack.gradient_pass.recompute_count(recompute, stored, sum(p.nbytes for p in model.unet.parameters()))
+    recomputed = reader.recomputed_blocks(targets)[:n]
 
     def run(hold):
         forward = bench.pass_forward(lambda x, attn2: model.forward(x, attn2, batch), pack, model.target_hw,
                                      targets, sdpa_attention, slots)
-        with torch.enable_grad(), memory_option(model, option, targets[-1], hold):
+        with torch.enable_grad(), memory_option(model, option, hold, recomputed):
             leaf = model.inputs(batch)[0].requires_grad_(True)
             loss, _ = forward(leaf)
             loss.sum().backward(inputs=[leaf])  # as autograd.grad (which the counter rejects)
 
     out = measure(run, model.param_storages)
     out["layers"] = len(targets)
+    out["blocks_recomputed"], out["blocks_run"], out["stored_estimate_gib"] = n, len(stored), sum(stored) / GIB
     out["last_layer"] = pack.capture.layer_name(targets[-1])
     return out
 
@@ -247,6 +259,7 @@ def markdown(table: list[dict[str, Any]]) -> str:
         ("level", lambda r: r["level"]), ("pass", lambda r: r["pass"]), ("layers read", lambda r: r.get("layers", "–")),
         ("TFLOP", lambda r: f"{r['tflop']:.3f}"), ("× step", lambda r: bench._fmt(r.get("tflop_vs_step"))),
         ("ops", lambda r: r["ops"]), ("× step", lambda r: bench._fmt(r.get("ops_vs_step"))),
+        ("blocks recomputed", lambda r: f"{r['blocks_recomputed']}/{r['blocks_run']}" if "blocks_run" in r else "–"),
         ("saved GiB", lambda r: f"{r['saved_gib']:.2f}"),
         ("of which fp32 probs", lambda r: f"{r['probs_f32_gib']:.2f}"),
         ("text tokens", lambda r: r.get("text_tokens", "–")),

@@ -158,14 +158,14 @@ class UNetReader:
         the blocks whose activations are recomputed in the backward (``recompute``)."""
         return [m for m, _ in self._run_blocks(keys)]
 
-    def stored_pass_bytes(self, keys: list[LayerKey], batch: int, itemsize: int) -> int:
-        """Estimated activations a pass reading ``keys`` keeps for the backward without recomputation:
-        :data:`STORED_PER_VALUE` values per token and channel of each transformer block it runs."""
-        total = 0
+    def stored_block_bytes(self, keys: list[LayerKey], batch: int, itemsize: int) -> list[int]:
+        """Estimated activations each block of :meth:`recomputed_blocks` keeps for the backward when it is not
+        recomputed: :data:`STORED_PER_VALUE` values per token and channel."""
+        out = []
         for m, level in self._run_blocks(keys):
             tokens = _level(self.latent_hw[0], 2**level) * _level(self.latent_hw[1], 2**level)
-            total += tokens * m.norm1.normalized_shape[-1]
-        return STORED_PER_VALUE * batch * itemsize * total
+            out.append(STORED_PER_VALUE * batch * itemsize * tokens * m.norm1.normalized_shape[-1])
+        return out
 
     def finest_encoder_side(self, latent_hw: tuple[int, int]) -> int | None:
         levels = [v for k, v in attn2_levels(self.dm).items() if k[0] == "input"]
@@ -290,8 +290,8 @@ class JointReader:
     def recomputed_blocks(self, keys: list[BlockKey]) -> list[torch.nn.Module]:
         return []  # the joint blocks update their inputs in place; their maps are recomputed per chunk instead
 
-    def stored_pass_bytes(self, keys: list[BlockKey], batch: int, itemsize: int) -> int:
-        return 0
+    def stored_block_bytes(self, keys: list[BlockKey], batch: int, itemsize: int) -> list[int]:
+        return []
 
     def finest_encoder_side(self, latent_hw: tuple[int, int]) -> int | None:
         return None

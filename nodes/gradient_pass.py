@@ -37,7 +37,7 @@ from .pass_memory import GradientPassOutOfMemory, first_line, out_of_memory_mess
 
 log = logging.getLogger(__name__)
 
-RECOMPUTE_ABOVE = 2**30  # recompute = auto: recompute where a stored pass would keep more than this (bytes, estimated)
+RECOMPUTE_BUDGET = 0.3  # recompute = auto: a pass keeps at most this share of the model's weight bytes (estimated)
 
 
 def _differentiable_attention(func, *args, **kwargs):
@@ -88,6 +88,17 @@ def _holds_any(v) -> bool:
     return v is not None
 
 
+def recompute_count(recompute: str, stored: list[int], weight_bytes: int) -> int:
+    """How many of a pass's transformer blocks (the first ones it runs) ``recompute`` recomputes, given the
+    activations each would keep (``stored``, bytes, in pass order) and the model's weight bytes."""
+    if recompute != "auto":
+        return len(stored) if recompute == "blocks" else 0
+    n = 0
+    while sum(stored[n:]) > RECOMPUTE_BUDGET * weight_bytes:
+        n += 1
+    return n
+
+
 class GradientPasses:
     """``passes(x, sigma) -> (loss (B,), maxima (B, S), dL/dx)`` for one sampling run; nothing outlives the run.
 
@@ -109,7 +120,7 @@ class GradientPasses:
         self.graph_used = False
         self.graph_reused = False  # the first pass replayed a graph kept from an earlier run
         self.retries = 0  # passes retried eagerly after running out of memory
-        self.recompute = False  # the transformer blocks' activations are recomputed in the backward (first pass sets)
+        self.recompute = 0  # how many of the pass's transformer blocks are recomputed in the backward (first pass sets)
         self.patcher = getattr(base_model, "current_patcher", None)  # the ModelPatcher sampling (owns the cache)
 
     # ---- the options of a pass ----
@@ -140,7 +151,7 @@ class GradientPasses:
         patches on ``keys``, stopped after the last of them."""
         capture = self.reader.grad_capture(keys)
         mo, p, s, cond = self._options(capture, keys, grad=True), self.params, self.subjects, self.cond
-        blocks = self.reader.recomputed_blocks(keys) if self.recompute else []
+        blocks = self.reader.recomputed_blocks(keys)[: self.recompute]
 
         def forward(leaf: torch.Tensor, sigma: torch.Tensor):
             recomputing = recompute_blocks(blocks, (StopForward,), capture.replaying) if blocks else \
@@ -177,15 +188,18 @@ class GradientPasses:
         _, forward = self._forward(self.target_keys)
         return loss_and_grad(lambda leaf: forward(leaf, sigma), x, self.weights)
 
-    def _recomputes(self, x: torch.Tensor) -> bool:
-        """Whether the passes recompute the transformer blocks' activations in the backward (``recompute``; ``auto``:
-        where a stored pass would keep more than :data:`RECOMPUTE_ABOVE`, e.g. SDXL at 1024 px)."""
-        if self.params.recompute != "auto":
-            return self.params.recompute == "blocks"
+    def _recomputes(self, x: torch.Tensor) -> int:
+        """How many transformer blocks of the pass (the first ones it runs) recompute their activations in the
+        backward: ``recompute`` = ``blocks`` all, ``off`` none, ``auto`` as few as keep the estimated stored
+        activations within :data:`RECOMPUTE_BUDGET` of the model's weight bytes (SDXL at 1024 px: about two
+        thirds of them; SD1.5 at 512 px: none)."""
         dtype = getattr(self.base, "manual_cast_dtype", None) or self.base.get_dtype()
-        stored = self.reader.stored_pass_bytes(self.keys, x.shape[0], dtype.itemsize)
-        log.debug("%s: a stored gradient pass keeps about %.2f GiB", self.params.node, stored / 2**30)
-        return stored > RECOMPUTE_ABOVE
+        stored = self.reader.stored_block_bytes(self.keys, x.shape[0], dtype.itemsize)
+        weights = sum(p.nbytes for p in self.base.diffusion_model.parameters())
+        n = recompute_count(self.params.recompute, stored, weights)
+        log.debug("%s: a stored gradient pass keeps about %.2f GiB; %d of its %d transformer blocks recomputed",
+                  self.params.node, sum(stored) / 2**30, n, len(stored))
+        return n
 
     def _weights(self, by_reference: bool) -> AutogradWeights:
         return AutogradWeights([self.base, *_control_modules(self.subjects.cond)], swap=not self._hooked(),
@@ -263,7 +277,7 @@ class GradientPasses:
         self.retries += 1
         self.release()
         keys = self.keys if self.target_keys is None else self.target_keys
-        self.recompute = bool(self.reader.recomputed_blocks(keys))
+        self.recompute = len(self.reader.recomputed_blocks(keys))
         try:
             self.cond, self.weights = _conds_on(self.subjects.cond, x.device), self._weights(by_reference=True)
             _, forward = self._forward(keys)

@@ -87,12 +87,12 @@ def option_inputs() -> list:
                                 "execution order such as 6-11 (Flux's single blocks come after the double ones). "
                                 "Ignored on UNets. Defaults not yet validated on real weights."),
         io.Combo.Input("recompute", options=list(RECOMPUTE_CHOICES), default=d.recompute, optional=True,
-                       tooltip="UNets: keep less memory in each gradient pass by recomputing the transformer "
-                               "blocks' activations in its backward (one more forward of the blocks the pass runs). "
-                               "auto: where a pass would keep more than 1 GiB (SDXL at 1024 px, estimated: about 1.8x plain "
-                               "sampling's peak memory without, 1.15x with, for about 10% more time; SD1.5 at "
-                               "512 px keeps 0.3 GiB and is left as it is). blocks: always. off: never, except to "
-                               "retry a pass that ran out of memory."),
+                       tooltip="UNets: keep less memory in each gradient pass by recomputing transformer blocks' "
+                               "activations in its backward (one more forward of those blocks). auto: as many blocks "
+                               "as keep the pass's activations within about 30% of the model's weight size (SDXL at "
+                               "1024 px: about two thirds of them; SD1.5 at 512 px: none). blocks: every block the "
+                               "pass runs (least memory). off: none (fastest), except to retry a pass that ran out "
+                               "of memory. Estimates per option: docs/performance.md."),
     ]
 
 

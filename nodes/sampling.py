@@ -54,7 +54,7 @@ class AEParams:
     token_slots: str = "auto"
     record_maps: bool = True
     cuda_graph: bool = True  # replay the gradient pass from a CUDA graph where that is safe
-    recompute: str = "auto"  # "blocks": UNet transformer blocks recomputed in the backward; auto: where it pays
+    recompute: str = "auto"  # UNet transformer blocks recomputed in the backward: blocks (all), off, auto (as needed)
     weights_by_reference: bool = True  # False: one weight copy per run instead of aliases (the model size again)
     node: str = field(default="AttendExciteSampler", compare=False)
 
@@ -268,7 +268,8 @@ class GuidedRun:
         if self.sched.guided_steps:
             p = self.passes
             how = (" (CUDA graph kept from an earlier run)" if p.graph_reused else " (CUDA graph)") * p.graph_used
-            how += ", transformer blocks recomputed in the backward" * p.recompute
+            if p.recompute:
+                how += f", {p.recompute} transformer blocks recomputed in the backward"
             log.info("%s: %d guided steps, %d gradient passes%s", self.params.node, self.sched.guided_steps,
                      self.count, how, extra={"ae_passes": self.count, "ae_graphed": p.graph_used,
                                              "ae_graph_reused": p.graph_reused, "ae_retries": p.retries,

@@ -31,3 +31,17 @@ def test_the_feed_forward_activations_are_what_ff_recompute_drops(rows):
     assert gelu in rows["gradient_all"]["saved_top"]
     assert not any(group[0] == "gelu" for group in rows["gradient_all+ff_recompute"]["saved_top"])
     assert rows["gradient_all"]["saved_gib"] - rows["gradient_all+ff_recompute"]["saved_gib"] > gelu[4]
+
+
+def test_auto_recomputes_the_first_blocks_until_the_rest_fits(comfy_root):
+    """SD1.5 at batch 4: the sampler's ``recompute = auto`` takes some of the 10 blocks, between ``off`` and
+    ``blocks`` in memory and arithmetic; the estimate it decides by is near the counted bytes."""
+    table, _ = run_benchmark("cost_model.py", "--arch", "sd15", "--batch", "4", "--blocks", "all", "--memory",
+                             "stored,block_recompute,auto", comfy_root=comfy_root)
+    stored, block, auto = ({r["pass"]: r for r in table}[n] for n in
+                           ("gradient_all", "gradient_all+block_recompute", "gradient_all+auto"))
+    assert (stored["blocks_recomputed"], block["blocks_recomputed"]) == (0, 10)
+    assert 0 < auto["blocks_recomputed"] < auto["blocks_run"] == 10
+    assert block["saved_gib"] < auto["saved_gib"] < stored["saved_gib"]
+    assert stored["tflop"] < auto["tflop"] < block["tflop"]
+    assert 0.7 < stored["stored_estimate_gib"] / stored["saved_gib"] < 1.3

@@ -264,22 +264,27 @@ def test_a_retried_pass_recomputes_the_blocks(host, caplog, fresh, empties):
     assert torch.allclose(out, eager, atol=1e-6) and no_leftovers([host["model"].model])
 
 
-def test_the_stored_pass_estimate_counts_the_blocks_the_pass_runs(host):
-    """``recompute = auto`` decides by :data:`STORED_PER_VALUE` values per token and channel of each transformer
-    block up to the last one read, at its level's grid."""
+def test_auto_recomputes_the_first_blocks_until_the_rest_fits_the_budget(host):
+    """``recompute = auto``: :data:`STORED_PER_VALUE` values per token and channel of each transformer block up to
+    the last one read, at its level's grid; the first blocks are recomputed until the rest keeps at most
+    :data:`RECOMPUTE_BUDGET` of the weight bytes."""
     from comfyui_attend_excite.nodes.capture import transformer_blocks
     from comfyui_attend_excite.nodes.families import STORED_PER_VALUE, UNetReader
+    from comfyui_attend_excite.nodes.gradient_pass import RECOMPUTE_BUDGET, recompute_count
 
     dm = host["model"].model.diffusion_model
     reader = UNetReader(dm, params(), (32, 24))
-    found = transformer_blocks(dm)
-    last = list(found).index(reader.keys[-1])
-    expected = 0
-    for m, level in list(found.values())[: last + 1]:
-        expected += math.ceil(32 / 2**level) * math.ceil(24 / 2**level) * m.norm1.normalized_shape[-1]
-    assert reader.recomputed_blocks(reader.keys) == [m for m, _ in list(found.values())[: last + 1]]
-    assert reader.stored_pass_bytes(reader.keys, 3, 2) == STORED_PER_VALUE * 3 * 2 * expected > 0
-    assert reader.stored_pass_bytes(reader.keys[:1], 3, 2) < reader.stored_pass_bytes(reader.keys, 3, 2)
+    run = list(transformer_blocks(dm).values())
+    run = run[: [m for m, _ in run].index(reader.recomputed_blocks(reader.keys)[-1]) + 1]
+    assert reader.recomputed_blocks(reader.keys) == [m for m, _ in run] and len(run) > 2
+    assert reader.stored_block_bytes(reader.keys, 3, 2) == [
+        STORED_PER_VALUE * 3 * 2 * math.ceil(32 / 2**level) * math.ceil(24 / 2**level) * m.norm1.normalized_shape[-1]
+        for m, level in run]
+    weights = 100 / RECOMPUTE_BUDGET  # a budget of 100 bytes
+    assert recompute_count("auto", [60, 30, 20, 10], weights) == 1  # 60 + 30 + 20 + 10 > 100; 30 + 20 + 10 fit
+    assert recompute_count("auto", [50, 30, 20], weights) == 0
+    assert recompute_count("auto", [120, 150], weights) == 2
+    assert recompute_count("blocks", [1, 1, 1], weights) == 3 and recompute_count("off", [500], weights) == 0
 
 
 # ---- the pass kept between runs ----
