@@ -228,8 +228,10 @@ def _mode_label(row: dict) -> str:
         notes.append(row["attention_blocks"])
     if row.get("weights") == "copy":
         notes.append("weight copy")
+    if row.get("recompute", "auto") != "auto":
+        notes.append(f"recompute {row['recompute']}")
     if row.get("blocks_recomputed"):
-        notes.append("blocks recomputed")
+        notes.append(f"{row['blocks_recomputed']} blocks recomputed")
     if row.get("cuda_graph") == "off" and row.get("device") == "cuda":
         notes.append("no CUDA graph")
     if row.get("record_maps"):
@@ -498,7 +500,7 @@ class PassCounter(logging.Handler):
 
     def __init__(self, logger: logging.Logger) -> None:
         super().__init__(logging.INFO)
-        self.count, self.graphed, self.recomputed = 0, [], []
+        self.count, self.graphed, self.recomputed, self.reused = 0, [], [], []
         self.logger, self.level_before = logger, logger.level
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)
@@ -509,6 +511,7 @@ class PassCounter(logging.Handler):
         if hasattr(record, "ae_graphed"):
             self.graphed.append(record.ae_graphed)
             self.recomputed.append(getattr(record, "ae_recomputed", False))
+            self.reused.append(getattr(record, "ae_graph_reused", False))
 
     def close(self) -> None:
         self.logger.removeHandler(self)
@@ -533,6 +536,8 @@ class _ModeRuns:
         self.forwards = 0
         self.graphed: list[bool] = []
         self.recomputed: list[bool] = []
+        self.reused: list[bool] = []
+        self.first_run_s: float | None = None  # the warm-up: the mode's first run with the model
 
 
 class Deadline:
@@ -903,7 +908,8 @@ class Bench:
             tw = time.perf_counter()
             run(st.make(st.record), warm_sigmas)
             sync(self.device)
-            log.info("comfyui %s b%d %s: warm-up %.2f s", arch, batch, st.mode, time.perf_counter() - tw)
+            st.first_run_s = time.perf_counter() - tw
+            log.info("comfyui %s b%d %s: warm-up %.2f s", arch, batch, st.mode, st.first_run_s)
         finally:
             counter.close()
         st.warm_forwards = counter.count
@@ -923,6 +929,7 @@ class Bench:
         st.forwards += counter.count
         st.graphed += counter.graphed
         st.recomputed += counter.recomputed
+        st.reused += counter.reused
         if peak is not None:
             st.peak = peak if st.peak is None else max(st.peak, peak)
 
@@ -945,7 +952,11 @@ class Bench:
                       "output_finite": bool(torch.isfinite(out).all()), "attention_level": f"{target[0]}x{target[1]}",
                       "output_fingerprint": fingerprint(out),
                       "graph_replayed": all(st.graphed) if st.graphed else None,
-                      "blocks_recomputed": all(st.recomputed) if st.recomputed else None})
+                      "blocks_recomputed": max(st.recomputed) if st.recomputed else None,
+                      "later_runs_replay_kept_pass": all(st.reused) if st.reused else None})
+        if st.first_run_s is not None and len(warm_sigmas) == len(sigmas):  # first run vs the later (timed) runs
+            extra["first_run_s"] = round(st.first_run_s, 4)
+            extra["first_run_vs_later"] = round(st.first_run_s / statistics.median(st.times), 4)
         if args.order == "interleaved" and plain is not None:
             pairs = [t / p for t, p in zip(st.times, plain.times)]
             extra["paired_ratio_to_plain"] = round(statistics.median(pairs), 4) if pairs else None

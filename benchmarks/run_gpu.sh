@@ -8,9 +8,10 @@
 #
 #   [BENCH_COMMIT=<sha>] bash benchmarks/run_gpu.sh [all|headline|sd15|sd15-b1|sd15-b4|sd15-down-mid|sdxl|sdxl-down-mid|passes|graphs|dit]
 #
-# "headline": sdxl batch 1 (recompute auto: the blocks are recomputed), sdxl batch 1 with the pass stored
-# (recompute off, without refinement), then sd15 batch 1 (+ diffusers): the speed and memory targets of
-# docs/performance.md (~5-6 min).
+# "headline": the speed and memory targets of docs/performance.md, each part while the budget allows: sdxl batch 1
+# (recompute auto), sd15 batch 1 (+ diffusers), sdxl batch 1 with the pass stored (recompute off, no refinement),
+# sd15 batch 4 (+ diffusers), sdxl batch 4 (no refinement), then sd15 and sdxl batch 1 on ComfyUI 0.8.0 when
+# .comfyui-0.8.0/ is carried. Every row has the first run's time (the warm-up: graph capture) next to the later ones.
 # Order under "all", each part only while the budget allows: sd15 batch 1 (+ diffusers), sdxl batch 1 (50 steps
 # each); "passes": benchmarks/pass_timing.py (one gradient pass vs one plain step on the real SD1.5 and SDXL UNets,
 # cuDNN benchmark mode off and on, with per-pass operator profiles; about 1-2 minutes); "graphs": pass_timing.py
@@ -122,8 +123,13 @@ dit() {
 }
 
 case "$PART" in headline) bench --arch sdxl --batch 1 ;; esac  # first: the target never measured with the graph
-case "$PART" in headline) bench --arch sdxl --batch 1 --recompute off --modes plain,ae_no_refine ;; esac  # stored pass
 case "$PART" in all|headline|sd15|sd15-b1) bench --arch sd15 --batch 1 --diffusers ;; esac
+case "$PART" in headline) bench --arch sdxl --batch 1 --recompute off --modes plain,ae_no_refine ;; esac  # stored pass
+case "$PART" in headline) bench --arch sd15 --batch 4 --diffusers ;; esac
+case "$PART" in headline) bench --arch sdxl --batch 4 --modes plain,ae_no_refine ;; esac
+if [ "$PART" = headline ] && [ -f .comfyui-0.8.0/main.py ]; then  # the same rows on the newer host, where carried
+  COMFYUI_ROOT="$PWD/.comfyui-0.8.0" bench --arch sd15,sdxl --batch 1 --modes plain,ae_no_refine
+fi
 case "$PART" in all|sdxl) bench --arch sdxl --batch 1 ;; esac
 case "$PART" in all|passes) passes ;; esac
 case "$PART" in all|graphs) graphs ;; esac

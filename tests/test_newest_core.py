@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from attention.guidance import loss_and_grad
+from attention.guidance import loss_and_grad, recompute_blocks
 from attention.weights import AutogradWeights, function_lists
 
 
@@ -100,6 +100,29 @@ def test_resident_inference_weights_are_cloned_and_give_the_exact_gradient():
         _, _, grad = loss_and_grad(_forward(m), x, weights)
     assert torch.allclose(grad, _reference_grad(m, x), atol=1e-6)
     assert m[0]._v_weight is cached  # the cache itself is left alone
+
+
+def test_recomputed_layers_cast_their_weights_again_in_the_backward():
+    """Layers recomputed in the backward (``recompute``) fetch and clone their cast weights anew there: the weights
+    are not kept from the forward, and the gradient is exact."""
+    linear = _ops()
+    m = _dynamic_model(linear, [(3, 6, True), (6, 4, False), (4, 2, True)])
+    casts = []
+    for layer in (m[0], m[2], m[4]):  # paged layers' own lists and the small layer's class-level one
+        layer.weight_function.append(lambda w: casts.append(1) or w)
+
+    def forward(leaf):
+        with recompute_blocks([m[0], m[2], m[4]]):
+            return _forward(m)(leaf)
+
+    with torch.inference_mode():
+        x = torch.randn(2, 3)
+        m(x)
+        casts.clear()
+        _, _, grad = loss_and_grad(forward, x, AutogradWeights([m]))
+    assert torch.allclose(grad, _reference_grad(m, x), atol=1e-6)
+    assert len(casts) == 6  # the three layers cast in the forward, and again when recomputed
+    assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in m)
 
 
 def test_a_weight_function_that_clones_only_views_lets_the_cache_reach_autograd():
