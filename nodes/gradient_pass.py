@@ -7,10 +7,13 @@ UNet level, or joint-attention blocks of Flux and SD3); every pass runs only up 
 of a run is, on CUDA, the warm-up of the CUDA graph captured right after it; later passes are replayed from the
 graph where allowed (UNets), and the graph is kept with the model for later runs (:mod:`.graph_cache`).
 
+On UNets, the first transformer blocks of the pass may keep only their inputs for the backward and be run again
+there (``recompute``; :func:`recompute_count` says how many, :func:`attention.guidance.recompute_blocks` does it).
+
 A pass (or capture) that runs out of memory is not the end of the run: A&E frees what it holds (the graph and its
-pool, the weight stand-ins), empties ComfyUI's cache and retries the pass eagerly (the lean form: an eager pass
-keeps nothing between passes); only a retry that runs out of memory too raises :class:`GradientPassOutOfMemory`,
-whose message says what to change.
+pool, the weight stand-ins), empties ComfyUI's cache and retries the pass in its lean form: eager (nothing kept
+between passes) with every transformer block recomputed; only a retry that runs out of memory too raises
+:class:`GradientPassOutOfMemory`, whose message says what to change.
 """
 
 from __future__ import annotations

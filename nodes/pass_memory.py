@@ -1,5 +1,5 @@
-"""What A&E says when its gradient pass does not fit in memory, also after freeing what it holds and retrying
-eagerly: the settings that make the pass smaller, in the order they help."""
+"""What A&E says when its gradient pass does not fit in memory, also after freeing what it holds and retrying in the
+lean form: the settings that make the pass smaller, in the order they help."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 
 
 class GradientPassOutOfMemory(torch.OutOfMemoryError):
-    """The gradient pass ran out of memory also in its lean (eager) form. ComfyUI handles it as the out-of-memory
-    error it is: it unloads its models and shows its own tips after this message."""
+    """The gradient pass ran out of memory also in its lean form (eager, transformer blocks recomputed). ComfyUI
+    handles it as the out-of-memory error it is: it unloads its models and shows its own tips after this message."""
 
 
 def first_line(e: BaseException) -> str:
@@ -37,7 +37,8 @@ def out_of_memory_message(node: str, latent_shape: tuple[int, ...], attention_bl
                        f"pass stops soonest)")
     changes.append("a smaller image" + (f" or batch (now {batch})" if batch > 1 else ""))
     changes.append("or scale_factor = 0 (plain sampling)")
-    return (f"{node}: the Attend-and-Excite gradient pass ran out of GPU memory ({error}), also when retried eagerly "
+    lean = "eagerly" if joint_family is not None else "eagerly with every transformer block recomputed"
+    return (f"{node}: the Attend-and-Excite gradient pass ran out of GPU memory ({error}), also when retried {lean} "
             f"after A&E freed its CUDA graph and weight stand-ins ({batch} image{'s' if batch > 1 else ''}, latent "
             f"{h}x{w}, attention_blocks = {attention_blocks}, attention level {target_hw[0]}x{target_hw[1]}). "
             f"To make it fit, set " + "; ".join(changes) + ".")
