@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--blocks", choices=("all", "down_mid"), default="all",
                    help="AEParams.attention_blocks: which cross-attention layers of the level feed the loss")
     p.add_argument("--recompute", choices=("auto", "off", "blocks"), default="auto",
-                   help="the sampler's recompute option (auto: blocks where a stored pass keeps over 1 GiB)")
+                   help="AEParams.recompute: transformer blocks recomputed in the backward (auto: as needed)")
     p.add_argument("--cuda-graph", choices=("on", "off"), default="on",
                    help="AEParams.cuda_graph: replay the gradient pass from a CUDA graph (CUDA only)")
     p.add_argument("--record-maps", action="store_true",

@@ -181,7 +181,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     bench.check_args(p, args, ARCHS, MODES, 16)
     # what bench.Bench reads and the DiT rows do not vary
-    args.weights, args.blocks, args.cuda_graph = "reference", "all", "on"
+    args.weights, args.blocks, args.cuda_graph, args.recompute = "reference", "all", "on", "auto"
     args.check_graph, args.profile, args.diffusers = False, None, False
     return args
 
