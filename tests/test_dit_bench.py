@@ -3,6 +3,8 @@ carry the fields the GPU rows are read by, and the A&E runs took their gradient 
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 from host_helpers import run_benchmark
 
@@ -39,6 +41,8 @@ def test_ae_took_gradient_passes(rows, arch):
     assert plain["grad_passes"] == 0
     assert ae["grad_passes"] == ae["record_passes"] == ae["guided_steps"] == 2  # the first half of 4 steps
     assert ae["first_loss"] > 0
-    assert ae["paired_ratio_to_plain"] > 1  # two forward + backward passes on top of the same 4 steps
+    # the ratio pairs each timed A&E run with the plain run of its round (a speed claim is the GPU rows', not a test's)
+    pairs = [a / p for a, p in zip(ae["times_s"], plain["times_s"])]
+    assert ae["paired_ratio_to_plain"] == pytest.approx(statistics.median(pairs), rel=1e-3)
     assert ae["peak_ratio_to_plain"] is not None and ae["targets"] == {"time": 1.8, "peak": 1.5}
     assert ae["output_fingerprint"] != plain["output_fingerprint"]  # the guidance moved the latent
