@@ -150,9 +150,7 @@ class Recomputed:
                 self.inner = inner
 
             def forward(self, x, *args, **kwargs):
-                for t in (x, *args, *kwargs.values()):
-                    if isinstance(t, torch.Tensor):
-                        hold(t)
+                _hold_tensors(hold, (x, *args), kwargs)
                 return torch.utils.checkpoint.checkpoint(self.inner, x, *args, use_reentrant=False,
                                                          preserve_rng_state=False, **kwargs)
 
@@ -171,7 +169,7 @@ def memory_option(model: Model, option: str, hold, recomputed: list):
     ``recomputed``: the blocks the sampler's recomputation takes (``block_recompute``, ``auto``)."""
     from comfy.ldm.modules.attention import BasicTransformerBlock
 
-    undo = []
+    undo, handles = [], []
     for m in model.unet.modules():
         if option == "ff_recompute" and isinstance(m, BasicTransformerBlock):
             undo.append((m, "ff", m.ff))
@@ -180,21 +178,16 @@ def memory_option(model: Model, option: str, hold, recomputed: list):
     if recomputed:  # the sampler's own recomputation, its kept inputs counted
         recomputing = model.pack.guidance.recompute_blocks(recomputed, (model.pack.capture.StopForward,))
         for block in recomputed:
-            undo.append(block.register_forward_pre_hook(lambda _m, args, kwargs: _hold_tensors(hold, args, kwargs),
-                                                        with_kwargs=True))
+            handles.append(block.register_forward_pre_hook(
+                lambda _m, args, kwargs: _hold_tensors(hold, args, kwargs), with_kwargs=True))
     try:
         with recomputing:
             yield
     finally:
-        for entry in reversed(undo):
-            if not isinstance(entry, tuple):  # a hook handle
-                entry.remove()
-                continue
-            owner, name, original = entry
-            if isinstance(name, int):
-                owner[name] = original
-            else:
-                setattr(owner, name, original)
+        for h in handles:
+            h.remove()
+        for owner, name, original in reversed(undo):
+            setattr(owner, name, original)
 
 
 def gradient_pass(model: Model, batch: int, blocks: str, option: str = "stored") -> dict[str, Any]:

@@ -125,6 +125,7 @@ class UNetReader:
 
     def __init__(self, diffusion_model, params, latent_hw: tuple[int, int]) -> None:
         self.dm, self.latent_hw = diffusion_model, tuple(latent_hw)
+        self.blocks = transformer_blocks(diffusion_model)  # found once per run, not once per pass
         self.target_hw = target_resolution(latent_hw, params.attention_resolution)
         self.keys = level_keys(diffusion_model, latent_hw, self.target_hw, params.attention_blocks)
 
@@ -149,9 +150,8 @@ class UNetReader:
         return contextlib.nullcontext()
 
     def _run_blocks(self, keys: list[LayerKey]) -> list[tuple[torch.nn.Module, int]]:
-        found = transformer_blocks(self.dm)
-        order = list(found)
-        return [found[k] for k in order[: order.index(keys[-1]) + 1]] if keys else []
+        order = list(self.blocks)
+        return [self.blocks[k] for k in order[: order.index(keys[-1]) + 1]] if keys else []
 
     def recomputed_blocks(self, keys: list[LayerKey]) -> list[torch.nn.Module]:
         """The transformer blocks a pass reading ``keys`` runs (up to the one whose cross-attention is the last key):

@@ -154,7 +154,7 @@ class GradientPasses:
         patches on ``keys``, stopped after the last of them."""
         capture = self.reader.grad_capture(keys)
         mo, p, s, cond = self._options(capture, keys, grad=True), self.params, self.subjects, self.cond
-        blocks = self.reader.recomputed_blocks(keys)[: self.recompute]
+        blocks = self.reader.recomputed_blocks(keys)[: self.recompute] if self.recompute else []
 
         def forward(leaf: torch.Tensor, sigma: torch.Tensor):
             recomputing = recompute_blocks(blocks, (StopForward,), capture.replaying) if blocks else \
